@@ -1,0 +1,148 @@
+"""`gateway facility` and `gateway device`: the registry, for field technicians."""
+
+from __future__ import annotations
+
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from gateway import credentials, journal, registry
+from gateway.cli.console import console, fail
+from gateway.i18n import _
+
+facility_app = typer.Typer(help=_("Register facilities and their zones."), no_args_is_help=True)
+device_app = typer.Typer(help=_("Register transmitter devices and issue their credentials."), no_args_is_help=True)
+
+DataDir = Annotated[Path, typer.Option("--data-dir", envvar="GATEWAY_DATA_DIR", help=_("Folder of the journal and registry."))]
+
+
+def open_registry(data_dir: Path) -> sqlite3.Connection:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    conn = journal.connect(data_dir / "journal.db")
+    journal.migrate(conn)
+    return conn
+
+
+@facility_app.command("add")
+def facility_add(
+    facility_id: Annotated[str, typer.Option("--id", help=_("Facility id, e.g. HN-0001."))],
+    name: Annotated[str, typer.Option("--name", help=_("Facility name."))],
+    address: Annotated[str, typer.Option("--address")] = "",
+    commune: Annotated[str, typer.Option("--commune", help=_("Commune or ward."))] = "",
+    province: Annotated[str, typer.Option("--province")] = "",
+    latitude: Annotated[float | None, typer.Option("--lat", help=_("Latitude in degrees."))] = None,
+    longitude: Annotated[float | None, typer.Option("--lon", help=_("Longitude in degrees."))] = None,
+    team: Annotated[str, typer.Option("--team", help=_("Area fire team that covers the facility."))] = "",
+    zones: Annotated[str, typer.Option("--zones", help=_("Zone labels: 1:Tầng 1;2:Kho"))] = "",
+    data_dir: DataDir = Path("var"),
+) -> None:
+    """Add or update a facility."""
+    fields = {
+        "id": facility_id,
+        "name": name,
+        "address": address,
+        "commune": commune,
+        "province": province,
+        "latitude": "" if latitude is None else str(latitude),
+        "longitude": "" if longitude is None else str(longitude),
+        "team": team,
+    }
+    try:
+        facility = registry.facility_from_fields(fields)
+        zone_labels = registry.parse_zones(zones) if zones else None
+    except registry.RegistryError as error:
+        fail(str(error))
+    with closing(open_registry(data_dir)) as conn:
+        with conn:
+            conn.execute("BEGIN")
+            registry.add_facility(conn, facility, zone_labels)
+    console.print(_("Facility {id} saved.").format(id=facility.id))
+
+
+@facility_app.command("import")
+def facility_import(
+    csv_file: Annotated[Path, typer.Argument(help=_("CSV with columns id,name,address,commune,province,latitude,longitude,team,zones."))],
+    data_dir: DataDir = Path("var"),
+) -> None:
+    """Import facilities from a CSV file; nothing is saved if any line is invalid."""
+    try:
+        text = csv_file.read_text(encoding="utf-8-sig")
+    except OSError as error:
+        fail(_("Cannot read {path}: {error}").format(path=csv_file, error=error.strerror))
+    try:
+        rows = registry.read_facilities_csv(text)
+    except registry.RegistryError as error:
+        fail(f"{csv_file}: {error}")
+    with closing(open_registry(data_dir)) as conn:
+        with conn:
+            conn.execute("BEGIN")
+            for facility, zone_labels in rows:
+                registry.add_facility(conn, facility, zone_labels or None)
+    console.print(_("{count} facilities imported.").format(count=len(rows)))
+
+
+@device_app.command("add")
+def device_add(
+    device_id: Annotated[str, typer.Argument(help=_("Device id, also its MQTT user name: 3-64 of A-Z a-z 0-9 _ -"))],
+    facility_id: Annotated[str, typer.Option("--facility", help=_("Facility the device reports for."))] = "",
+    heartbeat_s: Annotated[int, typer.Option("--heartbeat", help=_("Expected heartbeat interval in seconds."))] = 60,
+    window_s: Annotated[int, typer.Option("--window", help=_("Seconds of silence before communication loss."))] = 180,
+    test_mode: Annotated[bool, typer.Option("--test-mode", help=_("Mark the device's signals as tests."))] = False,
+    password: Annotated[str | None, typer.Option("--password", help=_("Broker password; a random one is generated when omitted."))] = None,
+    data_dir: DataDir = Path("var"),
+) -> None:
+    """Register a device and print its broker credentials."""
+    secret = password or credentials.generate_password()
+    try:
+        device = registry.make_device(
+            id=device_id,
+            facility_id=facility_id or None,
+            heartbeat_s=heartbeat_s,
+            window_s=window_s,
+            test_mode=test_mode,
+            password_hash=credentials.hash_password(secret),
+        )
+        with closing(open_registry(data_dir)) as conn:
+            with conn:
+                conn.execute("BEGIN")
+                registry.add_device(conn, device)
+    except registry.RegistryError as error:
+        fail(str(error))
+    console.print(_("Device {id} registered.").format(id=device.id))
+    console.print(_("MQTT user name: {user}").format(user=device.id))
+    console.print(_("MQTT password: {password}").format(password=secret))
+
+
+@device_app.command("list")
+def device_list(data_dir: DataDir = Path("var")) -> None:
+    """List registered devices."""
+    with closing(open_registry(data_dir)) as conn:
+        devices = registry.list_devices(conn)
+    table = Table(_("Device"), _("Facility"), _("Protocol"), _("Heartbeat (s)"), _("Window (s)"), _("Test mode"))
+    for device in devices:
+        table.add_row(device.id, device.facility_id or "-", device.protocol, str(device.heartbeat_s), str(device.window_s), _("yes") if device.test_mode else _("no"))
+    console.print(table)
+
+
+@device_app.command("passwd")
+def device_passwd(
+    password_file: Annotated[Path, typer.Option("--password-file", help=_("Mosquitto password file to write."))],
+    acl_file: Annotated[Path | None, typer.Option("--acl-file", help=_("Mosquitto ACL file to write."))] = None,
+    gateway_user: Annotated[str, typer.Option("--gateway-user", help=_("Broker user of the gateway itself."))] = "gateway",
+    gateway_password: Annotated[str | None, typer.Option("--gateway-password", envvar="GATEWAY_MQTT_PASSWORD", help=_("Broker password of the gateway itself."))] = None,
+    data_dir: DataDir = Path("var"),
+) -> None:
+    """Write Mosquitto's password file (and ACL) for all registered devices."""
+    with closing(open_registry(data_dir)) as conn:
+        entries = [(device.id, device.password_hash) for device in registry.list_devices(conn)]
+    if gateway_password:
+        entries.append((gateway_user, credentials.hash_password(gateway_password)))
+    password_file.write_text(credentials.password_file(entries), encoding="utf-8")
+    password_file.chmod(0o600)
+    if acl_file is not None:
+        acl_file.write_text(credentials.acl_file(gateway_user), encoding="utf-8")
+    console.print(_("{count} credentials written to {path}.").format(count=len(entries), path=password_file))

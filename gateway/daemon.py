@@ -1,0 +1,215 @@
+"""The gateway daemon: wires intake, routing core, incidents and forwarder, and runs them.
+
+Every long-running loop runs under `supervise`, which restarts it after a crash with capped
+backoff, so no single failing driver or destination takes the daemon down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal as os_signal
+import time
+from collections.abc import Awaitable, Callable
+
+from drivers.mqtt.driver import MqttDriver, MqttEndpoint
+from gateway.backoff import Backoff
+from gateway.config import Config
+from gateway.destinations import Destination
+from gateway.embedded_broker import EmbeddedBroker
+from gateway.forwarder import Forwarder
+from gateway.http_status import StatusServer
+from gateway.incidents import Decision, IncidentEngine, IncidentState
+from gateway.intake import Intake
+from gateway.journal import Journal
+from gateway.metrics import Metrics
+from gateway.registry import RegistryCache
+from gateway.router import Router
+from gateway.signal import Signal, utc_now
+
+log = logging.getLogger(__name__)
+
+STAGE_TIMEOUT_S = 10.0
+
+
+async def supervise(name: str, factory: Callable[[], Awaitable[None]], metrics: Metrics) -> None:
+    """Run `factory()` forever; log and restart it with backoff when it raises."""
+    backoff = Backoff(initial=0.5, cap=30.0)
+    while True:
+        started = time.monotonic()
+        try:
+            await factory()
+            log.warning("task %s returned; restarting it", name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("task %s crashed; restarting it", name)
+        metrics.task_restarts.labels(name).inc()
+        if time.monotonic() - started > 60:
+            backoff.reset()
+        await asyncio.sleep(backoff.next_delay())
+
+
+def destinations_from(config: Config) -> list[Destination]:
+    return [
+        Destination(
+            name=item.name,
+            url=item.url,
+            scope=item.scope,
+            secret=item.secret,
+            bearer_token=item.bearer_token,
+            timeout_s=item.timeout_s,
+        )
+        for item in config.destinations
+    ]
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.journal = Journal(config.gateway.data_dir / "journal.db", synchronous=config.gateway.journal_synchronous)
+        self.router = Router(self.metrics)
+        self.destinations = destinations_from(config)
+        self.registry: RegistryCache | None = None
+        self.intake: Intake | None = None
+        self.engine: IncidentEngine | None = None
+        self.forwarder: Forwarder | None = None
+        self.mqtt: MqttDriver | None = None
+        self.broker: EmbeddedBroker | None = None
+        self.status: StatusServer | None = None
+        self._intake_tasks: list[asyncio.Task] = []
+        self._core_tasks: list[asyncio.Task] = []
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        await self.journal.start()
+        self.registry = RegistryCache(self.journal.reader)
+        devices = self.registry.load()
+        self.engine = IncidentEngine(self.registry, self.destinations, trouble_holdoff_s=self.config.incidents.trouble_holdoff_s)
+        open_incidents = self.engine.load(self.journal.reader)
+        self.intake = Intake(self.journal, self.registry, self.router, self.metrics)
+        self.forwarder = Forwarder(self.destinations, self.journal, self.metrics)
+        self.router.on_alarm(self._route_alarm)
+
+        replayed = self.intake.unrouted()
+        for signal in replayed:
+            self.router.offer_alarm(signal)
+        log.info(
+            "gateway starting: %d devices registered, %d open incidents, %d signals to replay, %d destinations",
+            devices,
+            open_incidents,
+            len(replayed),
+            len(self.destinations),
+        )
+
+        self.status = StatusServer(self.metrics, self.health, self.config.http.host, self.config.http.port)
+        await self.status.start()
+
+        mqtt_url = self.config.mqtt.url
+        if mqtt_url == "embedded":
+            self.broker = EmbeddedBroker(self.config.embedded_broker.host, self.config.embedded_broker.port)
+            await self.broker.start()
+            mqtt_url = self.broker.url
+        endpoint = MqttEndpoint(mqtt_url, username=self.config.mqtt.username, password=self.config.mqtt.password)
+        self.mqtt = MqttDriver(
+            self.intake,
+            endpoint,
+            client_id=self.config.mqtt.client_id,
+            keepalive_s=self.config.mqtt.keepalive_s,
+            shared_group=self.config.mqtt.shared_group,
+        )
+
+        self._core_tasks.append(asyncio.create_task(supervise("router", self.router.run, self.metrics)))
+        for name, link in self.forwarder.links.items():
+            self._core_tasks.append(asyncio.create_task(supervise(f"forward:{name}", link.run, self.metrics)))
+        self._core_tasks.append(asyncio.create_task(supervise("incident-sweep", self._sweep_incidents, self.metrics)))
+        self._intake_tasks.append(asyncio.create_task(supervise("mqtt", self.mqtt.run, self.metrics)))
+        log.info("gateway running; status on http://%s:%d/healthz", self.config.http.host, self.status.port)
+
+    def _route_alarm(self, signal: Signal) -> None:
+        assert self.engine is not None
+        write = self.engine.route(signal)
+        future = self.journal.submit(write)
+        future.add_done_callback(self._after_route)
+
+    def _after_route(self, future: asyncio.Future[Decision]) -> None:
+        error = future.exception()
+        if error is not None:
+            log.error("recording a routing decision failed (%s); the signal is replayed at the next start", error)
+            return
+        decision = future.result()
+        if decision.action == "opened":
+            log.info("incident %s opened by signal %s", decision.incident_id, decision.signal_id)
+        if decision.outbox_count and self.forwarder is not None:
+            self.forwarder.wake()
+
+    async def _sweep_incidents(self) -> None:
+        """Auto-resolve trouble incidents whose signals all restored, after the hold-off."""
+        assert self.engine is not None
+        while True:
+            await asyncio.sleep(1.0)
+            now = utc_now()
+            for incident in self.engine.due_auto_resolve(now.timestamp()):
+                write = self.engine.change_state(incident.id, IncidentState.RESOLVED, at=now, actor="gateway", outcome="restored")
+                self.journal.submit(write).add_done_callback(self._after_route)
+
+    def health(self) -> dict:
+        mqtt_up = self.mqtt is not None and self.mqtt.connected.is_set()
+        pending = self.journal.reader.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
+        return {
+            "status": "ok" if mqtt_up else "degraded",
+            "mqtt": "up" if mqtt_up else "down",
+            "alarm_lane": self.router.alarm_depth,
+            "heartbeat_lane": self.router.heartbeat_depth,
+            "outbox_pending": pending,
+            "open_incidents": len(self.engine.open_incidents) if self.engine else 0,
+        }
+
+    async def stop(self) -> None:
+        """Shut down in stages, each bounded; a slow stage is named in the log."""
+        await self._stage("stop intake", self._cancel(self._intake_tasks))
+        await self._stage("drain alarm lane", self._drain_alarms())
+        await self._stage("flush journal", self.journal.write(lambda conn: None))
+        await self._stage("stop forwarder and core tasks", self._cancel(self._core_tasks))
+        if self.status is not None:
+            await self._stage("stop status server", self.status.stop())
+        await self._stage("close journal", self.journal.close())
+        if self.broker is not None:
+            await self._stage("stop embedded broker", self.broker.stop())
+        self._stopped.set()
+        log.info("gateway stopped")
+
+    async def _drain_alarms(self) -> None:
+        self.router.serve_alarms()
+
+    async def _stage(self, name: str, work: Awaitable[object]) -> None:
+        started = time.monotonic()
+        try:
+            await asyncio.wait_for(work, timeout=STAGE_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("shutdown stage %r did not finish within %.0f s; going on", name, STAGE_TIMEOUT_S)
+            return
+        log.debug("shutdown stage %r took %.3f s", name, time.monotonic() - started)
+
+    @staticmethod
+    async def _cancel(tasks: list[asyncio.Task]) -> None:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        tasks.clear()
+
+
+async def run_until_signalled(config: Config, on_started: Callable[[Gateway], None] | None = None) -> None:
+    """Run the gateway until SIGTERM or SIGINT, then stop it in stages."""
+    gateway = Gateway(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (os_signal.SIGTERM, os_signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await gateway.start()
+    if on_started is not None:
+        on_started(gateway)
+    await stop.wait()
+    log.info("stop requested; shutting down")
+    await gateway.stop()
