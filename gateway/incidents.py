@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-import json
 import logging
 import sqlite3
 from collections.abc import Callable, Sequence
 
 import msgspec
+from msgspec.json import decode as json_loads
 
 from gateway import event_body
 from gateway.destinations import Destination, select
@@ -103,8 +103,8 @@ class IncidentEngine:
                 state=IncidentState(row[5]),
                 opened_at=row[6],
                 updated_at=row[7],
-                zones=json.loads(row[8]),
-                active_zones=json.loads(row[9]),
+                zones=json_loads(row[8]),
+                active_zones=json_loads(row[9]),
                 test=bool(row[10]),
                 outcome=row[11],
             )
@@ -188,7 +188,7 @@ class IncidentEngine:
         body = self._signal_body(incident, signal)
         outbox = self._outbox_rows(incident, body)
         snapshot = _incident_row(incident)
-        timeline = (new_signal_id(), incident.id, signal.received_at.timestamp(), action, signal.id, json.dumps({"zone": signal.zone, "code": signal.code}))
+        timeline = (new_signal_id(), incident.id, signal.received_at.timestamp(), action, signal.id, _json_text({"zone": signal.zone, "code": signal.code}))
         decision = Decision(signal_id=signal.id, incident_id=incident.id, action=action, outbox_count=len(outbox))
 
         def write(conn: sqlite3.Connection) -> Decision:
@@ -214,7 +214,7 @@ class IncidentEngine:
         )
         outbox = self._outbox_rows(incident, body)
         snapshot = _incident_row(incident)
-        timeline = (new_signal_id(), incident.id, at.timestamp(), "state", None, json.dumps({"state": incident.state.value, "outcome": incident.outcome, "actor": actor}))
+        timeline = (new_signal_id(), incident.id, at.timestamp(), "state", None, _json_text({"state": incident.state.value, "outcome": incident.outcome, "actor": actor}))
         decision = Decision(signal_id="", incident_id=incident.id, action=incident.state.value, outbox_count=len(outbox))
 
         def write(conn: sqlite3.Connection) -> Decision:
@@ -262,6 +262,13 @@ class IncidentEngine:
         )
 
 
+_json_encoder = msgspec.json.Encoder()
+
+
+def _json_text(value: object) -> str:
+    return _json_encoder.encode(value).decode()
+
+
 def _incident_body(incident: Incident) -> event_body.IncidentBody:
     return event_body.IncidentBody(
         id=incident.id,
@@ -283,8 +290,8 @@ def _incident_row(incident: Incident) -> tuple:
         incident.outcome,
         incident.opened_at,
         incident.updated_at,
-        json.dumps(incident.zones),
-        json.dumps(incident.active_zones),
+        _json_text(incident.zones),
+        _json_text(incident.active_zones),
         int(incident.test),
     )
 

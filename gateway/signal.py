@@ -10,7 +10,7 @@ import datetime as dt
 import enum
 
 import msgspec
-from ulid import ULID
+import uuid_utils
 
 
 class Source(enum.StrEnum):
@@ -91,8 +91,8 @@ class Signal(msgspec.Struct, kw_only=True, frozen=True):
 
 
 def new_signal_id() -> str:
-    """Return a new ULID: sortable by creation time, unique without coordination."""
-    return str(ULID())
+    """Return a new UUIDv7: sortable by creation time, unique without coordination."""
+    return str(uuid_utils.uuid7())
 
 
 def utc_now() -> dt.datetime:

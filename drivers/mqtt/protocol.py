@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from drivers.base import Heartbeat, Rejection
+from drivers.contact_id import ContactIdError, parse_contact_id
 from gateway import codes
 from gateway.signal import (
     LETTER_BY_QUALIFIER,
@@ -44,6 +45,7 @@ class EventPayload(msgspec.Struct, kw_only=True, frozen=True):
     code: str | None = None
     q: Literal["E", "R", "P"] | None = None
     sia: str | None = None
+    cid: Annotated[str, msgspec.Meta(max_length=40)] | None = None
     group: Group = 0
     zone: Zone = 0
     label: Label = ""
@@ -141,9 +143,14 @@ def decode_event(topic: Topic, payload: bytes, received_at: dt.datetime) -> Sign
     _check_common(event, topic)
     panel_time = parse_timestamp(event.ts)
 
-    # Exactly one of `code` (with `q`) or `sia` names the event.
-    if event.code is not None and event.sia is not None:
-        raise Rejection("invalid_field", "payload has both `code` and `sia`; send one of them")
+    # Exactly one of `code` (with `q`), `sia` or `cid` names the event.
+    named = [field for field in ("code", "sia", "cid") if getattr(event, field) is not None]
+    if len(named) != 1:
+        raise Rejection(
+            "invalid_field",
+            f"payload must name the event with exactly one of `code` (with `q`), `sia` or `cid`; it has {', '.join(named) or 'none'}",
+        )
+    group, zone = event.group, event.zone
     try:
         if event.code is not None:
             if event.q is None:
@@ -153,7 +160,11 @@ def decode_event(topic: Topic, payload: bytes, received_at: dt.datetime) -> Sign
         elif event.sia is not None:
             entry, qualifier = codes.from_sia(event.sia)
         else:
-            raise Rejection("invalid_field", "payload has neither `code` with `q` nor `sia`")
+            message = parse_contact_id(event.cid or "")
+            entry, qualifier = codes.lookup(message.code), message.qualifier
+            group, zone = message.group, message.zone
+    except ContactIdError as error:
+        raise Rejection("bad_contact_id", f"`cid` {event.cid!r}: {error}") from None
     except codes.UnknownEventCode as error:
         raise Rejection("unknown_code", str(error)) from None
 
@@ -165,8 +176,8 @@ def decode_event(topic: Topic, payload: bytes, received_at: dt.datetime) -> Sign
         code=entry.code,
         qualifier=qualifier,
         sia_code=codes.to_sia(entry.code, qualifier),
-        group=event.group,
-        zone=event.zone,
+        group=group,
+        zone=zone,
         zone_label=_nfc(event.label),
         text=entry.label_en,
         panel_time=panel_time,
