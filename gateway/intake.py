@@ -7,6 +7,7 @@ duplicate), and only then offered to the routing core; the driver acks its sende
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -117,15 +118,23 @@ class Intake:
     async def submit_signal(self, signal: Signal, dedup_key: str | None) -> Admission:
         resolved = self.resolve(signal)
         started = time.perf_counter()
-        admission = await self._journal.submit(_insert_signal(resolved, dedup_key))
+        future = self._journal.submit(_insert_signal(resolved, dedup_key))
+        # Routing hangs on the journal future, not on the caller: a driver task cancelled by a
+        # lost connection must not leave a durable signal unrouted (its redelivery would be
+        # recognised as a duplicate and never routed either).
+        future.add_done_callback(lambda done: self._after_commit(done, resolved, started))
+        return await asyncio.shield(future)
+
+    def _after_commit(self, future: asyncio.Future[Admission], signal: Signal, started: float) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
         self._metrics.journal_commit_seconds.observe(time.perf_counter() - started)
-        if admission is Admission.DUPLICATE:
+        if future.result() is Admission.DUPLICATE:
             self._metrics.signals_duplicate.labels(signal.source.value).inc()
             log.info("duplicate of seq %s from device %s re-acked, not processed again", signal.seq, signal.device_id)
-            return admission
+            return
         self._metrics.signals_accepted.labels(signal.source.value, signal.event_class.value).inc()
-        self._router.offer_alarm(resolved)
-        return admission
+        self._router.offer_alarm(signal)
 
     def submit_heartbeat(self, heartbeat: Heartbeat) -> None:
         if self._registry.device(heartbeat.device_id) is None:

@@ -334,26 +334,33 @@ class TransmitterFleet:
 
     async def _serve_connection(self, device: Device, client: aiomqtt.Client) -> None:
         """Send heartbeats until the fleet stops; raise MqttError when the connection fails."""
-        tasks = [
-            asyncio.create_task(self._send_heartbeats(device, client)),
+        # The heartbeat loop is ended by an event instead of cancellation: on Python 3.11,
+        # asyncio.wait_for inside aiomqtt's publish can swallow a cancellation that arrives as
+        # the PUBACK does, and the loop would then run on forever.
+        closing = asyncio.Event()
+        heartbeats = asyncio.create_task(self._send_heartbeats(device, client, closing))
+        watchers = [
             asyncio.create_task(_wait_disconnected(client)),
             asyncio.create_task(self._stopping.wait()),
         ]
         try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([heartbeats, *watchers], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:
-            task.result()
+            closing.set()
+            for watcher in watchers:
+                watcher.cancel()
+            # Bounded: a heartbeat publish in progress ends within MQTT_TIMEOUT_S.
+            await asyncio.wait([heartbeats, *watchers])
 
-    async def _send_heartbeats(self, device: Device, client: aiomqtt.Client) -> None:
+        for task in (heartbeats, *watchers):
+            if not task.cancelled() and task.exception() is not None:
+                raise task.exception()
+
+    async def _send_heartbeats(self, device: Device, client: aiomqtt.Client, closing: asyncio.Event) -> None:
         # The first heartbeat falls at a random point of the interval, so that a large fleet
         # spreads its heartbeats over the interval instead of sending them all at once.
         due = time.monotonic() + self._rng.uniform(0, self.interval_s)
-        while True:
-            await asyncio.sleep(max(0.0, due - time.monotonic()))
+        while not await _wait_event(closing, due - time.monotonic()):
             payload = encode_heartbeat(boot=device.boot, seq=device.next_seq(), uptime_s=int(self._uptime_s()))
             await self._publish(device, client, heartbeat_topic(device.device_id), payload, qos=self.heartbeat_qos)
             # A late heartbeat moves the schedule instead of sending a burst to catch up.
@@ -456,11 +463,7 @@ class TransmitterFleet:
 
     async def _sleep_unless_stopping(self, seconds: float) -> bool:
         """Sleep for `seconds`; return True early when the fleet starts stopping."""
-        try:
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
-        except TimeoutError:
-            return False
-        return True
+        return await _wait_event(self._stopping, seconds)
 
     async def _finish(self, tasks: list[asyncio.Task[None]]) -> None:
         """Wait for the tasks still running to stop, cancel those that take longer than STOP_TIMEOUT_S."""
@@ -482,6 +485,18 @@ class TransmitterFleet:
 
     def _uptime_s(self) -> float:
         return time.monotonic() - self._started_at
+
+
+async def _wait_event(event: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds` for `event`; return whether it is set."""
+    if event.is_set():
+        return True
+    try:
+        async with asyncio.timeout(max(0.0, seconds)):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 async def _wait_disconnected(client: aiomqtt.Client) -> None:

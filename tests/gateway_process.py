@@ -22,6 +22,10 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+class PortTaken(Exception):
+    """Another process bound the status port between choosing and binding it."""
+
+
 class GatewayProcess:
     """`gateway run` in a subprocess; its log goes to `data_dir/gateway.log`."""
 
@@ -34,6 +38,16 @@ class GatewayProcess:
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, *, wait_for_mqtt: bool = True) -> None:
+        """Start the process and wait until it is healthy; retry on a port taken meanwhile."""
+        for attempt in range(3):
+            try:
+                self._start_once(wait_for_mqtt)
+                return
+            except PortTaken:
+                self.http_port = free_port()
+        raise RuntimeError(f"gateway could not bind a free status port in 3 attempts:\n{self.log_tail()}")
+
+    def _start_once(self, wait_for_mqtt: bool) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "gateway.cli.app", "run", "--data-dir", str(self.data_dir),
                    "--http", f"127.0.0.1:{self.http_port}", "--log-level", "debug", *self.args]
@@ -44,6 +58,8 @@ class GatewayProcess:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
+                if "address already in use" in self.log_tail(5) and str(self.http_port) in self.log_tail(5):
+                    raise PortTaken(self.http_port)
                 raise RuntimeError(f"gateway exited with {self._process.returncode}:\n{self.log_tail()}")
             health = self.health()
             if health is not None and (health.get("mqtt") == "up" or not wait_for_mqtt):

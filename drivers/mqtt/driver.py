@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -56,6 +58,7 @@ class MqttDriver:
         prefix = f"$share/{shared_group}/" if shared_group else ""
         self.subscriptions = [f"{prefix}{protocol.TOPIC_ROOT}/+/{kind}" for kind in SUBSCRIBED_KINDS]
         self.connected = asyncio.Event()
+        self._pending: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         """Connect, consume and reconnect with jittered, capped backoff, forever."""
@@ -100,11 +103,17 @@ class MqttDriver:
             log.info("MQTT link to %s is up", endpoint)
             for topic in self.subscriptions:
                 await client.subscribe(topic, qos=1)
-            async with asyncio.TaskGroup() as tasks:
-                async for message in client.messages:
-                    self._dispatch(paho_client, message, tasks)
+            async for message in client.messages:
+                self._dispatch(paho_client, message)
 
-    def _dispatch(self, paho_client: paho.Client, message: aiomqtt.Message, tasks: asyncio.TaskGroup) -> None:
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        # Admissions outlive a lost connection: their journal writes complete, and their acks
+        # go nowhere, so the broker redelivers and the intake recognises the duplicate.
+        task = asyncio.create_task(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    def _dispatch(self, paho_client: paho.Client, message: aiomqtt.Message) -> None:
         topic = message.topic.value
         payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
         received_at = utc_now()
@@ -118,7 +127,7 @@ class MqttDriver:
             if parsed.kind == "event":
                 signal = protocol.decode_event(parsed, payload, received_at)
                 key = protocol.dedup_key(parsed.device_id, signal.boot, signal.seq, payload)
-                tasks.create_task(self._admit(signal, key, ack))
+                self._spawn(self._admit(signal, key, ack))
                 return
             if parsed.kind == "heartbeat":
                 self._intake.submit_heartbeat(protocol.decode_heartbeat(parsed, payload, received_at))
@@ -130,7 +139,7 @@ class MqttDriver:
         except Rejection as rejection:
             device_id = topic.split("/")[2] if topic.count("/") >= 2 else ""
             rejection.with_context(raw=payload, source=Source.MQTT, origin=topic, device_id=device_id)
-            tasks.create_task(self._reject(rejection, ack))
+            self._spawn(self._reject(rejection, ack))
 
     async def _admit(self, signal, key: str, ack) -> None:
         try:
