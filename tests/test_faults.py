@@ -100,18 +100,7 @@ async def test_broker_restart_mid_stream_loses_nothing(gateway, broker, centre):
                 await asyncio.to_thread(broker.restart)
             await asyncio.sleep(0.002)
 
-        try:
-            events = await centre.wait_for(lambda events: len(events) >= total, timeout=30)
-        except TimeoutError:
-            import sqlite3
-            got = sorted(int(e["event"]["signal"]["id"] and 0) for e in centre.events)
-            conn = sqlite3.connect(gateway.data_dir / "journal.db")
-            print("journal signals", conn.execute("select count(*) from signals").fetchone(), "acked", len(device.acked))
-            print("outbox", conn.execute("select state, count(*) from outbox group by state").fetchall(), "routed", conn.execute("select sum(routed) from signals").fetchone())
-            import shutil
-            shutil.copytree(gateway.data_dir, "/tmp/fail_keep", dirs_exist_ok=True)
-            print(gateway.log_tail(400))
-            raise
+        events = await centre.wait_for(lambda events: len(events) >= total, timeout=60)
         keys = Counter(entry["idempotency_key"] for entry in events)
         assert len(keys) == total
         assert max(keys.values()) == 1
