@@ -90,7 +90,7 @@ class IncidentEngine:
         self._open.clear()
         rows = conn.execute(
             """SELECT id, correlation_key, facility_id, device_id, event_class, state, opened_at, updated_at,
-                      zones, active_zones, test, outcome
+                      zones, active_zones, test, outcome, restored_at
                FROM incidents WHERE state IN ('open', 'acknowledged', 'dispatched', 'on_scene')"""
         )
         for row in rows:
@@ -107,6 +107,7 @@ class IncidentEngine:
                 active_zones=json_loads(row[9]),
                 test=bool(row[10]),
                 outcome=row[11],
+                restored_at=row[12],
             )
             self._open[incident.correlation_key] = incident
         return len(self._open)
@@ -293,6 +294,7 @@ def _incident_row(incident: Incident) -> tuple:
         _json_text(incident.zones),
         _json_text(incident.active_zones),
         int(incident.test),
+        incident.restored_at,
     )
 
 
@@ -300,14 +302,14 @@ def _save_incident(conn: sqlite3.Connection, row: tuple, created: bool) -> None:
     if created:
         conn.execute(
             """INSERT INTO incidents (id, correlation_key, facility_id, device_id, event_class, state, outcome,
-                                      opened_at, updated_at, zones, active_zones, test)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                      opened_at, updated_at, zones, active_zones, test, restored_at)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             row,
         )
         return
     conn.execute(
-        "UPDATE incidents SET state = ?, outcome = ?, updated_at = ?, zones = ?, active_zones = ? WHERE id = ?",
-        (row[5], row[6], row[8], row[9], row[10], row[0]),
+        "UPDATE incidents SET state = ?, outcome = ?, updated_at = ?, zones = ?, active_zones = ?, restored_at = ? WHERE id = ?",
+        (row[5], row[6], row[8], row[9], row[10], row[12], row[0]),
     )
 
 

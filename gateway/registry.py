@@ -17,8 +17,8 @@ from typing import Annotated
 
 import msgspec
 
-DeviceId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{3,64}$")]
-FacilityId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+DeviceId = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9_-]{3,64}\Z")]
+FacilityId = Annotated[str, msgspec.Meta(pattern=r"\A[A-Za-z0-9_.-]{1,64}\Z")]
 Latitude = Annotated[float, msgspec.Meta(ge=-90, le=90)]
 Longitude = Annotated[float, msgspec.Meta(ge=-180, le=180)]
 

@@ -2,8 +2,8 @@
 
 It implements the receiving side of `POST /v1/events` as the gateway's forwarder expects it:
 an `Idempotency-Key` header, an optional HMAC signature, and a body that decodes as
-`gateway.event_body.EventBody`. A first-time key is recorded and answered 201, a repeated key
-is answered 409 and not recorded again. Faults (outage, 5xx, slowness, rejected events) are
+`gateway.event_body.EventBody`. A first-time key is recorded and gets 201 Created, a repeated
+key gets 409 Conflict and is not recorded again. Faults (outage, 5xx, slowness, rejected events) are
 injected at start or at run time through `POST /control`, so tests can drive the forwarder's
 retry and dead-letter paths against a real HTTP server.
 
@@ -46,18 +46,18 @@ Entry = dict[str, Any]
 
 @dataclasses.dataclass
 class Faults:
-    """Faults injected into answers to `POST /v1/events`; several can be active at once."""
+    """Faults injected into responses to `POST /v1/events`; several can be active at once."""
 
     down: bool = False
-    """Answer 503 to every event."""
+    """Respond 503 to every event."""
     fail_next: int = 0
-    """Answer 500 to this many of the next events."""
+    """Respond 500 to this many of the next events."""
     slow_s: float = 0.0
-    """Delay every answer to an event by this many seconds."""
+    """Delay every response to an event by this many seconds."""
     reject_event_ids: set[str] = dataclasses.field(default_factory=set)
-    """Answer 400 to events with these event ids."""
+    """Respond 400 to events with these event ids."""
     duplicate_confirm: bool = False
-    """Record new events as usual but answer 409 instead of 201."""
+    """Record new events as usual but respond 409 instead of 201."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -101,7 +101,10 @@ class CommandCenter:
         self.status_counts: collections.Counter[int] = collections.Counter()
         self._secret = secret
         self._record_path = record_path
-        self._faults = faults if faults is not None else Faults()
+        self._faults = Faults()
+        if faults is not None:
+            # A copy, so that set_mode does not change the caller's object.
+            self._faults = dataclasses.replace(faults, reject_event_ids=set(faults.reject_event_ids))
         self._on_event = on_event
         self._events: list[Entry] = []
         self._keys: set[str] = set()
@@ -124,7 +127,7 @@ class CommandCenter:
         return dataclasses.replace(self._faults, reject_event_ids=set(self._faults.reject_event_ids))
 
     async def start(self) -> None:
-        """Open the record file and bind the server; `port` then holds the bound port."""
+        """Open the record file and bind the server; `port` is then the bound port."""
         if self._runner is not None:
             raise RuntimeError(f"command centre simulator is already running at {self.url}")
         if self._record_path is not None:
@@ -181,8 +184,8 @@ class CommandCenter:
         """Turn on a fault mode, or clear all faults with "normal".
 
         Modes: "down" (503 to every event), "fail_next" (500 to the next `count` events),
-        "slow" (delay every answer by `seconds`), "reject_event" (400 to the event `event_id`,
-        adding to earlier ids), "duplicate_confirm" (record new events but answer 409).
+        "slow" (delay every response by `seconds`), "reject_event" (400 to the event `event_id`,
+        adding to earlier ids), "duplicate_confirm" (record new events but respond 409).
         Raises ValueError for an unknown mode or an invalid argument.
         """
         if mode == "normal":
@@ -210,13 +213,13 @@ class CommandCenter:
     # HTTP handlers
 
     async def _post_event(self, request: web.Request) -> web.Response:
-        # The delay comes first, so that a slow centre is slow for every answer, errors included.
+        # The delay comes first, so that a slow centre is slow for every response, errors included.
         if self._faults.slow_s > 0:
             await asyncio.sleep(self._faults.slow_s)
         body = await request.read()
-        status, answer = self._receive(request.headers, body)
+        status, reply = self._receive(request.headers, body)
         self.status_counts[status] += 1
-        return web.json_response(answer, status=status)
+        return web.json_response(reply, status=status)
 
     async def _get_events(self, request: web.Request) -> web.Response:
         return web.json_response(self._events)
@@ -235,7 +238,7 @@ class CommandCenter:
     # Receiving an event
 
     def _receive(self, headers: Mapping[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
-        """Check, record and answer one event; return the HTTP status and JSON answer."""
+        """Check and record one event; return the HTTP status and the JSON response body."""
         if self._faults.down:
             return 503, {"error": "command centre is down (fault mode `down`)"}
         if self._faults.fail_next > 0:
@@ -315,7 +318,9 @@ async def serve_forever(
     faults: Faults | None = None,
 ) -> None:
     """Run a command centre simulator until cancelled, calling `on_event` for each new entry."""
-    center = CommandCenter(host=host, port=port, secret=secret, record_path=record_path, faults=faults, on_event=on_event)
+    center = CommandCenter(
+        host=host, port=port, secret=secret, record_path=record_path, faults=faults, on_event=on_event
+    )
     await center.start()
     try:
         await asyncio.Event().wait()

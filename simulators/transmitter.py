@@ -41,7 +41,7 @@ MAX_BOOT = 2**31 - 1
 
 # Seconds that aiomqtt waits for a CONNACK, a PUBACK or a DISCONNECT before it raises MqttError.
 MQTT_TIMEOUT_S = 10.0
-# Seconds that a stopping fleet waits for its devices to say `offline` and disconnect.
+# Seconds that a stopping fleet waits for its devices to publish `offline` and disconnect.
 STOP_TIMEOUT_S = MQTT_TIMEOUT_S + 5.0
 # Minimum seconds between two warnings about failed connections, so that a broker outage
 # seen by thousands of devices logs a few lines with counts instead of one line per device.
@@ -191,7 +191,11 @@ class TransmitterFleet:
         self._connect_slots = asyncio.Semaphore(connect_concurrency)
         passwords = passwords or {}
         self.devices = [
-            Device(device_id, passwords.get(device_id, password), self._rng.randint(1, MAX_BOOT) if boot is None else boot)
+            Device(
+                device_id,
+                passwords.get(device_id, password),
+                self._rng.randint(1, MAX_BOOT) if boot is None else boot,
+            )
             for device_id in device_ids
         ]
 
@@ -219,7 +223,7 @@ class TransmitterFleet:
             ) from None
 
     def stop(self) -> None:
-        """Ask a running fleet to stop; `run` then disconnects the devices and returns."""
+        """Ask the fleet to stop: `run` disconnects the devices and returns, or returns at once if not started yet."""
         self._stopping.set()
 
     async def run(self, duration_s: float | None = None) -> None:
@@ -233,7 +237,6 @@ class TransmitterFleet:
         if self._running:
             raise RuntimeError("the transmitter fleet is already running")
         self._running = True
-        self._stopping = asyncio.Event()
         self._started_at = time.monotonic()
         log.info(
             "transmitter fleet of %d devices starting against %s:%d, heartbeat every %s s",
@@ -243,7 +246,10 @@ class TransmitterFleet:
             self.interval_s,
         )
 
-        workers = [asyncio.create_task(self._run_device(device), name=f"transmitter {device.device_id}") for device in self.devices]
+        workers = [
+            asyncio.create_task(self._run_device(device), name=f"transmitter {device.device_id}")
+            for device in self.devices
+        ]
         workers.append(asyncio.create_task(self._run_schedule(), name="transmitter schedule"))
         stop_waiter = asyncio.create_task(self._wait_stopping(duration_s))
         try:
@@ -253,6 +259,7 @@ class TransmitterFleet:
             self._stopping.set()
             stop_waiter.cancel()
             await self._finish([task for task in (*workers, *self._event_tasks) if not task.done()])
+            self._stopping = asyncio.Event()
             self._running = False
 
         for task in done:
@@ -275,7 +282,8 @@ class TransmitterFleet:
 
         Waits for the device to be connected, and publishes again on the next connection if
         the broker did not acknowledge it, so the broker may receive it twice (at least once).
-        Raises FleetStopped when the fleet stops first, and RuntimeError when it is not running.
+        Raises IndexError for an unknown device index, RuntimeError when the fleet is not
+        running, and FleetStopped when the fleet stops before the broker acknowledged the event.
         """
         if not 0 <= device_index < len(self.devices):
             raise IndexError(f"device index {device_index} is out of range 0 to {len(self.devices) - 1}")
@@ -335,8 +343,8 @@ class TransmitterFleet:
     async def _serve_connection(self, device: Device, client: aiomqtt.Client) -> None:
         """Send heartbeats until the fleet stops; raise MqttError when the connection fails."""
         # The heartbeat loop is ended by an event instead of cancellation: on Python 3.11,
-        # asyncio.wait_for inside aiomqtt's publish can swallow a cancellation that arrives as
-        # the PUBACK does, and the loop would then run on forever.
+        # asyncio.wait_for inside aiomqtt's publish swallows a cancellation that arrives just
+        # as the publish completes, and the loop would then run on forever.
         closing = asyncio.Event()
         heartbeats = asyncio.create_task(self._send_heartbeats(device, client, closing))
         watchers = [
@@ -416,7 +424,7 @@ class TransmitterFleet:
                 await self._publish(device, client, topic, payload, qos=1)
                 return
             except aiomqtt.MqttError as error:
-                log.info("device %s will publish on %s again after a failed attempt: %s", device.device_id, topic, error)
+                log.info("device %s publishes on %s again after a failed attempt: %s", device.device_id, topic, error)
             # The device loop may not have noticed the lost connection yet, so wait a little
             # instead of retrying at once on the same broken client.
             if await self._sleep_unless_stopping(retry_delay.next_delay()):
@@ -452,7 +460,12 @@ class TransmitterFleet:
             log.warning("scheduled event %s of device %s was not published because the fleet stopped", entry, device_id)
             return
         log.info(
-            "device %s published scheduled event %s%s zone %d with seq %d", device_id, entry.qualifier, entry.code, entry.zone, seq
+            "device %s published scheduled event %s%s zone %d with seq %d",
+            device_id,
+            entry.qualifier,
+            entry.code,
+            entry.zone,
+            seq,
         )
 
     async def _wait_stopping(self, duration_s: float | None) -> None:
@@ -475,7 +488,8 @@ class TransmitterFleet:
                 log.error("%s failed while the fleet was stopping", task.get_name(), exc_info=task.exception())
         if pending:
             log.warning(
-                "%d transmitter tasks did not stop within %.0f s and are cancelled; their devices may not have said offline",
+                "%d transmitter tasks did not stop within %.0f s and are cancelled; "
+                "their devices may not have published offline",
                 len(pending),
                 STOP_TIMEOUT_S,
             )

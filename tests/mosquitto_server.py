@@ -145,7 +145,7 @@ class BrokerInfo:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
                     return
             except OSError:
-                # Mosquitto writes no readiness signal that a test can wait on, so the port is probed.
+                # An accepted TCP connection is the readiness check, because it is what clients need.
                 time.sleep(0.05)
         raise RuntimeError(
             f"mosquitto did not accept connections on {self.host}:{self.port} within "

@@ -202,7 +202,7 @@ def test_route_classes_open_separate_incidents(conn, engine):
     assert [row["event_class"] for row in rows] == ["fire", "supervisory", "trouble"]
 
 
-def test_route_restore_annotates_fire_without_closing(conn, engine):
+def test_route_restore_annotates_fire(conn, engine):
     """Test that a fire restore adds a 'restored' timeline entry and leaves the fire incident open."""
     opened = route(conn, engine, make_signal("110", zone=1))
 
@@ -218,7 +218,7 @@ def test_route_restore_annotates_fire_without_closing(conn, engine):
     assert engine.due_auto_resolve(T0.timestamp() + 30 + 10 * HOLDOFF_S) == []
 
 
-def test_route_restore_without_incident_only_marks_routed(conn, engine):
+def test_route_restore_without_incident(conn, engine):
     """Test that a restore matching no open incident is marked routed and writes no outbox row."""
     restore = make_signal("301", zone=0, qualifier=Qualifier.RESTORE)
 
@@ -232,7 +232,7 @@ def test_route_restore_without_incident_only_marks_routed(conn, engine):
     assert incident_rows(conn) == []
 
 
-def test_route_test_signal_never_joins_live_incident(conn, engine):
+def test_route_test_signal_separate_incident(conn, engine):
     """Test that a test-flagged fire opens its own test incident beside the live one."""
     live = route(conn, engine, make_signal("110", zone=1))
     test = route(conn, engine, make_signal("110", zone=2, at_s=1, test=True))
@@ -251,7 +251,7 @@ def test_route_test_signal_never_joins_live_incident(conn, engine):
     ("code", "event_class"),
     [("602", EventClass.TEST), ("601", EventClass.TEST), ("", EventClass.HEARTBEAT)],
 )
-def test_route_test_and_heartbeat_classes_open_nothing(conn, engine, code, event_class):
+def test_route_test_classes_open_nothing(conn, engine, code, event_class):
     """Test that test-class codes and heartbeat signals open no incident and write no outbox row."""
     signal = Signal(
         id=new_signal_id(),
@@ -293,7 +293,7 @@ def test_route_outbox_follows_jurisdiction(conn, engine, device_id, expected):
     assert {body.kind for _, body in rows} == {"signal"}
 
 
-def test_route_outbox_body_carries_facility_and_signal(conn, engine):
+def test_route_outbox_body_fields(conn, engine):
     """Test that the stored event body names the facility, device, signal and incident."""
     fire = make_signal("110", zone=2)
 
@@ -315,8 +315,8 @@ def test_route_outbox_body_carries_facility_and_signal(conn, engine):
     assert body.times.forwarded is None
 
 
-def test_route_second_instance_refused_by_unique_index(conn, registry_cache):
-    """Test that the database refuses a second open incident with the same correlation key."""
+def test_route_duplicate_open_incident_rejected(conn, registry_cache):
+    """Test that the database rejects a second open incident with the same correlation key."""
     first_instance = IncidentEngine(registry_cache, DESTINATIONS)
     second_instance = IncidentEngine(registry_cache, DESTINATIONS)
     first_fire = make_signal("110", zone=1)
@@ -372,7 +372,7 @@ def test_load_skips_resolved_incidents(conn, registry_cache, engine):
     assert restarted.open_incidents == []
 
 
-def test_due_auto_resolve_waits_for_all_zones_and_holdoff(conn, engine):
+def test_due_auto_resolve_needs_full_restore(conn, engine):
     """Test that a trouble incident is due only after every zone restored and the hold-off passed."""
     opened = route(conn, engine, make_signal("373", zone=1))
     route(conn, engine, make_signal("373", zone=2, at_s=5))
@@ -411,7 +411,7 @@ def test_due_auto_resolve_after_restart(conn, registry_cache, engine):
     assert [incident.id for incident in due] == [opened.incident_id]
 
 
-def test_change_state_resolved_removes_and_notifies(conn, engine):
+def test_change_state_resolved_notifies(conn, engine):
     """Test that resolving an incident drops it from the open set and queues an incident_update."""
     opened = route(conn, engine, make_signal("110", zone=1))
     resolved_at = T0 + dt.timedelta(minutes=20)

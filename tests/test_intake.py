@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import threading
 from collections.abc import AsyncIterator
 from contextlib import closing
 from pathlib import Path
@@ -102,7 +103,7 @@ async def test_submit_signal_stores_and_offers_alarm(site: Site):
     assert site.metric("gateway_signals_accepted_total", {"source": "mqtt", "event_class": "fire"}) == 1
 
 
-async def test_submit_signal_fills_facility_and_zone_label(site: Site):
+async def test_submit_signal_fills_registry_fields(site: Site):
     """Test that the offered and the stored signal carry the registry's facility and zone label."""
     signal, key = fire_event(zone=2)
     offered: list[Signal] = []
@@ -120,7 +121,7 @@ async def test_submit_signal_fills_facility_and_zone_label(site: Site):
     assert stored.zone_label == "Tầng hầm B1 - Bãi xe"
 
 
-async def test_submit_signal_keeps_label_sent_by_device(site: Site):
+async def test_submit_signal_keeps_device_label(site: Site):
     """Test that a zone label sent in the payload wins over the registry's label."""
     signal, key = fire_event(zone=2, label="Bãi xe tầng hầm")
     offered: list[Signal] = []
@@ -183,6 +184,33 @@ async def test_submit_signal_new_boot_same_seq(site: Site):
     assert len(site.stored_signals()) == 2
 
 
+async def test_submit_signal_cancelled_caller_still_offered(site: Site):
+    """Test that a signal whose submitting task is cancelled before the commit is still offered once durable."""
+    entered = threading.Event()
+    release = threading.Event()
+
+    def block_writer(conn) -> None:
+        entered.set()
+        release.wait(WAIT_S)
+
+    site.journal.submit(block_writer)
+    assert await asyncio.to_thread(entered.wait, WAIT_S)
+    signal, key = fire_event()
+    submitting = asyncio.create_task(site.intake.submit_signal(signal, key))
+    await asyncio.sleep(0)  # let the task queue its journal write behind the blocked one
+    submitting.cancel()
+    release.set()
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(submitting, WAIT_S)
+    # The journal resolves futures in submission order, so once this write is done the
+    # signal's commit and its routing callback have run.
+    await asyncio.wait_for(site.journal.write(lambda conn: None), WAIT_S)
+
+    assert site.router.alarm_depth == 1
+    assert [row[0] for row in site.stored_signals()] == [signal.id]
+
+
 async def test_submit_signal_unregistered_device(site: Site):
     """Test that a signal from an unregistered device raises Rejection and is neither stored nor offered."""
     signal, key = fire_event("DEV-999")
@@ -197,7 +225,7 @@ async def test_submit_signal_unregistered_device(site: Site):
     assert site.stored_signals() == []
 
 
-async def test_submit_heartbeat_registered_and_unregistered(site: Site):
+async def test_submit_heartbeat_checks_registry(site: Site):
     """Test that a registered device's heartbeat enters the heartbeat lane and an unknown one raises."""
     known = Heartbeat(device_id="DEV-001", source=Source.MQTT, received_at=T0, seq=1)
     unknown = Heartbeat(device_id="DEV-999", source=Source.MQTT, received_at=T0, seq=1)

@@ -45,7 +45,7 @@ def insert_then_raise(reason: str) -> Callable[[sqlite3.Connection], None]:
 
 
 class WriterGate:
-    """A write operation that holds the writer thread until the test opens the gate."""
+    """A write operation that blocks the writer thread until the test opens the gate."""
 
     def __init__(self) -> None:
         self.entered = threading.Event()
@@ -95,7 +95,7 @@ async def test_write_concurrent_operations_share_commits(journal: Journal):
     assert len(stored_reasons(journal.path)) == operations
 
 
-async def test_write_failing_operation_fails_only_its_future(journal: Journal):
+async def test_write_failing_operation_fails_alone(journal: Journal):
     """Test that an operation that raises fails alone while the rest of its batch commits."""
     gate = WriterGate()
     blocker = journal.submit(gate)

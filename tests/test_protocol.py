@@ -121,7 +121,7 @@ def test_decode_bad_input_rejected(topic: str, data: bytes, reason: str):
     assert excinfo.value.message
 
 
-def test_decode_event_identity_mismatch_names_both_devices():
+def test_decode_event_mismatch_names_devices():
     """Test that the identity mismatch message names the payload's device and the topic's."""
     with pytest.raises(Rejection) as excinfo:
         decode_event(payload(EVENT, device="DEV-002"))
@@ -130,8 +130,8 @@ def test_decode_event_identity_mismatch_names_both_devices():
     assert DEVICE in excinfo.value.message
 
 
-def test_decode_event_bad_checksum_gives_expected_digit():
-    """Test that a `cid` with a bad checksum says which checksum digit was expected."""
+def test_decode_event_bad_checksum_digit():
+    """Test that a `cid` with a bad checksum gives the expected checksum digit."""
     with pytest.raises(Rejection) as excinfo:
         decode_event(payload(EVENT, code=ABSENT, q=ABSENT, cid=BAD_CID))
 

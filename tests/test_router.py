@@ -79,7 +79,7 @@ def test_serve_alarms_by_class_then_arrival(metrics: Metrics):
     assert router.alarm_depth == 0
 
 
-def test_offer_alarm_restore_keeps_code_class(metrics: Metrics):
+def test_offer_alarm_restore_keeps_class(metrics: Metrics):
     """Test that a fire restore is queued as a restore while its event class stays fire."""
     router = Router(metrics)
     served: list[Signal] = []
@@ -128,7 +128,7 @@ def test_offer_heartbeat_sheds_oldest_over_capacity(metrics: Metrics):
     assert metric(metrics, "gateway_heartbeats_shed_total") == 1
 
 
-def test_offer_heartbeat_full_lane_coalesces_without_shedding(metrics: Metrics):
+def test_offer_heartbeat_full_lane_coalesces(metrics: Metrics):
     """Test that a newer heartbeat from a waiting device replaces it even when the lane is full."""
     router = Router(metrics, heartbeat_capacity=2)
     batches: list[list[Heartbeat]] = []
@@ -194,7 +194,7 @@ def test_serve_heartbeats_contains_failing_listener(metrics: Metrics):
     assert metric(metrics, "gateway_handler_errors_total", {"lane": "heartbeat"}) == 1
 
 
-async def test_run_serves_alarms_before_waiting_heartbeats(metrics: Metrics):
+async def test_run_alarms_before_heartbeats(metrics: Metrics):
     """Test that run() serves alarms first, and an alarm offered mid-flood jumps the remaining heartbeats."""
     router = Router(metrics)
     devices = 2 * HEARTBEAT_BATCH + 500
@@ -238,7 +238,7 @@ async def test_run_serves_alarms_before_waiting_heartbeats(metrics: Metrics):
     assert metric(metrics, "gateway_heartbeat_lane_depth") == 0
 
 
-async def test_run_wakes_for_alarm_offered_while_idle(metrics: Metrics):
+async def test_run_idle_wakes_for_alarm(metrics: Metrics):
     """Test that an idle run() loop serves an alarm offered after it started waiting."""
     router = Router(metrics)
     served: list[str] = []

@@ -94,13 +94,13 @@ async def session():
 
 
 async def test_command_center_records_signed_event(center, session, record_path):
-    """Test that a valid signed event is answered 201, kept in memory and written to the record file."""
+    """Test that a valid signed event gets 201, is kept in memory and written to the record file."""
     body = make_body()
 
-    status, answer = await post_event(session, center, body)
+    status, reply = await post_event(session, center, body)
 
     assert status == 201
-    assert answer == {"status": "recorded"}
+    assert reply == {"status": "recorded"}
     assert center.url == f"http://127.0.0.1:{center.port}"
     assert len(center.events) == 1
     entry = center.events[0]
@@ -116,32 +116,32 @@ async def test_command_center_records_signed_event(center, session, record_path)
 
 
 async def test_command_center_repeated_key_returns_409(center, session, record_path):
-    """Test that a repeated Idempotency-Key is answered 409, counted and not recorded again."""
+    """Test that a repeated Idempotency-Key gets 409, is counted and not recorded again."""
     body = make_body()
 
     first_status, _ = await post_event(session, center, body)
-    second_status, second_answer = await post_event(session, center, body)
+    second_status, second_reply = await post_event(session, center, body)
 
     assert first_status == 201
     assert second_status == 409
-    assert second_answer == {"status": "duplicate"}
+    assert second_reply == {"status": "duplicate"}
     assert center.duplicates == 1
     assert len(center.events) == 1
     assert len(read_records(record_path)) == 1
 
 
 async def test_command_center_changed_body_returns_401(center, session, record_path):
-    """Test that a body changed after signing is answered 401 with the reason and not recorded."""
+    """Test that a body changed after signing gets 401 with the reason and not recorded."""
     body = make_body(zone=3)
     headers = {IDEMPOTENCY_HEADER: "evt-0001", **signed_headers(SECRET, body)}
     changed = make_body(zone=4)
 
     async with session.post(f"{center.url}/v1/events", data=changed, headers=headers) as response:
         status = response.status
-        answer = await response.json()
+        reply = await response.json()
 
     assert status == 401
-    assert answer == {"error": "signature does not match the body"}
+    assert reply == {"error": "signature does not match the body"}
     assert center.events == []
     assert read_records(record_path) == []
 
@@ -151,36 +151,36 @@ async def test_command_center_changed_body_returns_401(center, session, record_p
     [(None, TIMESTAMP_HEADER), ("wrong-secret", None)],
 )
 async def test_command_center_bad_signature_returns_401(center, session, record_path, secret, missing_header):
-    """Test that a missing or wrongly keyed signature is answered 401 and not recorded."""
-    status, answer = await post_event(session, center, make_body(), secret=secret)
+    """Test that a missing or wrongly keyed signature gets 401 and is not recorded."""
+    status, reply = await post_event(session, center, make_body(), secret=secret)
 
     assert status == 401
     if missing_header is not None:
-        assert missing_header in answer["error"]
+        assert missing_header in reply["error"]
     assert center.events == []
     assert read_records(record_path) == []
 
 
 async def test_command_center_stale_timestamp_returns_401(center, session):
-    """Test that a signature timestamp far from the receiver's clock is answered 401."""
+    """Test that a signature timestamp far from the receiver's clock gets 401."""
     body = make_body()
     headers = {IDEMPOTENCY_HEADER: "evt-0001", **signed_headers(SECRET, body, now=time.time() - 3600)}
 
     async with session.post(f"{center.url}/v1/events", data=body, headers=headers) as response:
         status = response.status
-        answer = await response.json()
+        reply = await response.json()
 
     assert status == 401
-    assert "receiver's clock" in answer["error"]
+    assert "receiver's clock" in reply["error"]
     assert center.events == []
 
 
 async def test_command_center_missing_key_returns_400(center, session):
-    """Test that an event without an Idempotency-Key header is answered 400."""
-    status, answer = await post_event(session, center, make_body(), key=None)
+    """Test that an event without an Idempotency-Key header gets 400."""
+    status, reply = await post_event(session, center, make_body(), key=None)
 
     assert status == 400
-    assert IDEMPOTENCY_HEADER in answer["error"]
+    assert IDEMPOTENCY_HEADER in reply["error"]
     assert center.events == []
 
 
@@ -190,11 +190,11 @@ async def test_command_center_missing_key_returns_400(center, session):
     ids=["not-json", "empty-object", "wrong-type"],
 )
 async def test_command_center_invalid_body_returns_400(center, session, body):
-    """Test that a body that does not decode as an event is answered 400 with the reason."""
-    status, answer = await post_event(session, center, body)
+    """Test that a body that does not decode as an event gets 400 with the reason."""
+    status, reply = await post_event(session, center, body)
 
     assert status == 400
-    assert answer["error"].startswith("body is not a valid event")
+    assert reply["error"].startswith("body is not a valid event")
     assert center.events == []
 
 
@@ -212,7 +212,7 @@ async def test_command_center_without_secret_accepts_unsigned(record_path, sessi
 
 
 async def test_command_center_down_returns_503(center, session):
-    """Test that mode down answers 503 without recording, and mode normal records again."""
+    """Test that mode down responds 503 without recording, and mode normal records again."""
     control_status, faults = await set_control(session, center, {"mode": "down"})
     assert control_status == 200
     assert faults["down"] is True
@@ -241,7 +241,7 @@ async def test_command_center_down_at_start(session):
 
 
 async def test_command_center_fail_next_returns_500(center, session, record_path):
-    """Test that fail_next answers 500 to exactly the next N events, then records the retry once."""
+    """Test that fail_next responds 500 to exactly the next N events, then records the retry once."""
     await set_control(session, center, {"mode": "fail_next", "count": 2})
     body = make_body()
 
@@ -254,33 +254,33 @@ async def test_command_center_fail_next_returns_500(center, session, record_path
 
 
 async def test_command_center_reject_event_returns_400(center, session):
-    """Test that reject_event answers 400 to that event id only."""
+    """Test that reject_event responds 400 to that event id only."""
     await set_control(session, center, {"mode": "reject_event", "event_id": "evt-bad"})
 
-    rejected_status, rejected_answer = await post_event(session, center, make_body("evt-bad"), key="evt-bad")
+    rejected_status, rejected_reply = await post_event(session, center, make_body("evt-bad"), key="evt-bad")
     accepted_status, _ = await post_event(session, center, make_body("evt-good"), key="evt-good")
 
     assert rejected_status == 400
-    assert "evt-bad" in rejected_answer["error"]
+    assert "evt-bad" in rejected_reply["error"]
     assert accepted_status == 201
     assert [entry["idempotency_key"] for entry in center.events] == ["evt-good"]
 
 
 async def test_command_center_duplicate_confirm_records_new_event(center, session, record_path):
-    """Test that duplicate_confirm records a new event but answers 409."""
+    """Test that duplicate_confirm records a new event but responds 409."""
     center.set_mode("duplicate_confirm")
 
-    status, answer = await post_event(session, center, make_body())
+    status, reply = await post_event(session, center, make_body())
 
     assert status == 409
-    assert answer == {"status": "duplicate"}
+    assert reply == {"status": "duplicate"}
     assert len(center.events) == 1
     assert len(read_records(record_path)) == 1
     assert center.duplicates == 0
 
 
-async def test_command_center_slow_delays_answer(center, session):
-    """Test that slow delays the answer by the given seconds."""
+async def test_command_center_slow_delays_response(center, session):
+    """Test that slow delays the response by the given seconds."""
     center.set_mode("slow", seconds=0.3)
 
     started = time.monotonic()
@@ -302,11 +302,11 @@ async def test_command_center_slow_delays_answer(center, session):
     ],
 )
 async def test_command_center_control_rejects_invalid(center, session, request_body, expected_text):
-    """Test that an invalid control request is answered 400 and changes no fault."""
-    status, answer = await set_control(session, center, request_body)
+    """Test that an invalid control request gets 400 and changes no fault."""
+    status, reply = await set_control(session, center, request_body)
 
     assert status == 400
-    assert expected_text in answer["error"]
+    assert expected_text in reply["error"]
     assert center.faults == Faults()
 
 
@@ -319,7 +319,7 @@ def test_command_center_set_mode_rejects_unknown():
 
 
 async def test_command_center_lists_events_and_health(center, session):
-    """Test that GET /v1/events lists the recorded entries and GET /healthz answers ok."""
+    """Test that GET /v1/events lists the recorded entries and GET /healthz reports ok."""
     await post_event(session, center, make_body())
 
     async with session.get(f"{center.url}/v1/events") as response:

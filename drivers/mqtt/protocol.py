@@ -27,7 +27,7 @@ from gateway.signal import (
 
 TOPIC_ROOT = "pccc/v1"
 MAX_PAYLOAD_BYTES = 4096
-DEVICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{3,64}$")
+DEVICE_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{3,64}")
 TOPIC_KINDS = ("event", "heartbeat", "status", "cmd", "reply")
 
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
@@ -85,7 +85,7 @@ def parse_topic(topic: str) -> Topic:
     if len(parts) != 4 or f"{parts[0]}/{parts[1]}" != TOPIC_ROOT:
         raise Rejection("bad_topic", f"topic {topic!r} does not match {TOPIC_ROOT}/<device_id>/<kind>")
     device_id, kind = parts[2], parts[3]
-    if not DEVICE_ID_PATTERN.match(device_id):
+    if not DEVICE_ID_PATTERN.fullmatch(device_id):
         raise Rejection(
             "bad_topic",
             f"device id {device_id!r} in topic {topic!r} must be 3 to 64 characters of A-Z a-z 0-9 _ -",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,7 +14,7 @@ import typer
 from gateway import config as gateway_config
 from gateway.cli import decode, demo, registry_commands, sim
 from gateway.cli.console import fail
-from gateway.i18n import _
+from gateway.i18n import _, set_language
 
 app = typer.Typer(
     name="gateway",
@@ -26,7 +27,7 @@ app.add_typer(decode.app, name="decode")
 app.add_typer(registry_commands.facility_app, name="facility")
 app.add_typer(registry_commands.device_app, name="device")
 app.add_typer(sim.app, name="sim")
-app.command("demo")(demo.demo)
+app.command("demo", help=_("Run the gateway with embedded defaults and a simulated site."))(demo.demo)
 
 
 def configure_logging(level: str) -> None:
@@ -37,7 +38,7 @@ def configure_logging(level: str) -> None:
     )
 
 
-@app.command("run")
+@app.command("run", help=_("Run the gateway until SIGTERM or SIGINT."))
 def run(
     config_file: Annotated[Path | None, typer.Option("--config", "-c", help=_("TOML configuration file; without it the embedded defaults apply."))] = None,
     mqtt: Annotated[str | None, typer.Option("--mqtt", help=_("Broker URL (mqtt://host:port) or `embedded`."))] = None,
@@ -58,6 +59,8 @@ def run(
         )
     except gateway_config.ConfigError as error:
         fail(str(error), code=2)
+    if config_file is not None and "GATEWAY_LANG" not in os.environ:
+        set_language(settings.gateway.language)
     try:
         asyncio.run(run_until_signalled(settings))
     except OSError as error:

@@ -25,7 +25,7 @@ def _print(item: msgspec.Struct) -> None:
     sys.stdout.write(_json.encode(item).decode() + "\n")
 
 
-@app.command("mqtt")
+@app.command("mqtt", help=_("Decode an MQTT protocol v1 message."))
 def decode_mqtt(
     topic: Annotated[str, typer.Option("--topic", help=_("MQTT topic, e.g. pccc/v1/DEV-001/event."))],
     payload: Annotated[str, typer.Option("--payload", help=_("Message payload (JSON text)."))],
@@ -48,7 +48,7 @@ def decode_mqtt(
         fail(f"{rejection.reason}: {rejection.message}")
 
 
-@app.command("contact-id")
+@app.command("contact-id", help=_("Decode a Contact ID (SIA DC-05) message."))
 def decode_contact_id(
     digits: Annotated[str, typer.Argument(help=_("Contact ID message: ACCT MT Q XYZ GG CCC S (16 digits, spaces allowed)."))],
 ) -> None:

@@ -119,8 +119,8 @@ def _print_heartbeats(batch: list[Heartbeat]) -> None:
         )
 
 
-def _print_published(device_id: str, kind: str, payload: bytes) -> None:
-    if kind == "event":
+def _print_published(device_id: str, topic: str, payload: bytes) -> None:
+    if topic.endswith("/event"):
         console.print(f"[bold yellow]{_('Transmitter sent event')}[/] {device_id}: {payload.decode()}")
 
 
@@ -128,7 +128,7 @@ def _print_received(entry: dict) -> None:
     event = entry["event"]
     signal = event.get("signal") or {}
     incident = event.get("incident") or {}
-    kind = _("FIRE ALARM") if signal.get("event_class") == "fire" and signal.get("qualifier") == "new" else signal.get("qualifier", event["kind"])
+    kind = _("FIRE ALARM") if signal.get("event_class") == "fire" and signal.get("qualifier") == "new" else _(signal.get("qualifier", event["kind"]))
     console.print(
         f"[bold red]{_('Command centre received')}[/] {kind}: {event['facility']['name']} - "
         f"{_('zone')} {signal.get('zone', '')} \"{signal.get('zone_label', '')}\" ({_('incident')} {incident.get('id', '-')}, {incident.get('state', '')})"

@@ -27,7 +27,7 @@ def open_registry(data_dir: Path) -> sqlite3.Connection:
     return conn
 
 
-@facility_app.command("add")
+@facility_app.command("add", help=_("Add or update a facility."))
 def facility_add(
     facility_id: Annotated[str, typer.Option("--id", help=_("Facility id, e.g. HN-0001."))],
     name: Annotated[str, typer.Option("--name", help=_("Facility name."))],
@@ -63,7 +63,7 @@ def facility_add(
     console.print(_("Facility {id} saved.").format(id=facility.id))
 
 
-@facility_app.command("import")
+@facility_app.command("import", help=_("Import facilities from a CSV file; nothing is saved if any line is invalid."))
 def facility_import(
     csv_file: Annotated[Path, typer.Argument(help=_("CSV with columns id,name,address,commune,province,latitude,longitude,team,zones."))],
     data_dir: DataDir = Path("var"),
@@ -85,7 +85,7 @@ def facility_import(
     console.print(_("{count} facilities imported.").format(count=len(rows)))
 
 
-@device_app.command("add")
+@device_app.command("add", help=_("Register a device and print its broker credentials."))
 def device_add(
     device_id: Annotated[str, typer.Argument(help=_("Device id, also its MQTT user name: 3-64 of A-Z a-z 0-9 _ -"))],
     facility_id: Annotated[str, typer.Option("--facility", help=_("Facility the device reports for."))] = "",
@@ -117,7 +117,7 @@ def device_add(
     console.print(_("MQTT password: {password}").format(password=secret))
 
 
-@device_app.command("list")
+@device_app.command("list", help=_("List registered devices."))
 def device_list(data_dir: DataDir = Path("var")) -> None:
     """List registered devices."""
     with closing(open_registry(data_dir)) as conn:
@@ -128,7 +128,7 @@ def device_list(data_dir: DataDir = Path("var")) -> None:
     console.print(table)
 
 
-@device_app.command("passwd")
+@device_app.command("passwd", help=_("Write Mosquitto's password file (and ACL) for all registered devices."))
 def device_passwd(
     password_file: Annotated[Path, typer.Option("--password-file", help=_("Mosquitto password file to write."))],
     acl_file: Annotated[Path | None, typer.Option("--acl-file", help=_("Mosquitto ACL file to write."))] = None,

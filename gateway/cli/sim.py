@@ -14,7 +14,7 @@ from gateway.i18n import _
 app = typer.Typer(help=_("Simulated transmitters and command centre."), no_args_is_help=True)
 
 
-@app.command("transmitter")
+@app.command("transmitter", help=_("Run N simulated transmitters over a real MQTT connection."))
 def transmitter(
     broker: Annotated[str, typer.Option("--broker", help=_("Broker URL, e.g. mqtt://127.0.0.1:1883."))] = "mqtt://127.0.0.1:1883",
     devices: Annotated[int, typer.Option("--devices", "-n", min=1, max=100_000, help=_("Number of simulated devices."))] = 1,
@@ -34,8 +34,8 @@ def transmitter(
     device_ids = [f"{prefix}-{index:04d}" for index in range(1, devices + 1)]
     passwords = {device_id: password for device_id in device_ids} if password else None
 
-    def show(device_id: str, kind: str, payload: bytes) -> None:
-        if kind == "event":
+    def show(device_id: str, topic: str, payload: bytes) -> None:
+        if topic.endswith("/event"):
             console.print(f"[bold red]{_('Event sent')}[/] {device_id}: {payload.decode()}")
 
     fleet = TransmitterFleet(broker, device_ids, interval_s=interval, passwords=passwords, schedule=schedule, on_publish=show)
@@ -46,7 +46,7 @@ def transmitter(
         pass
 
 
-@app.command("command-center")
+@app.command("command-center", help=_("Run a simulated command centre that verifies and records events."))
 def command_center(
     port: Annotated[int, typer.Option("--port", help=_("TCP port to listen on (127.0.0.1)."))] = 8790,
     record: Annotated[Path | None, typer.Option("--record", help=_("Append each received event to this file as a JSON line."))] = None,

@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS incidents (
     updated_at      REAL NOT NULL,
     zones           TEXT NOT NULL DEFAULT '[]',  -- JSON list of zones that reported
     active_zones    TEXT NOT NULL DEFAULT '[]',  -- JSON list of zones not yet restored
+    restored_at     REAL,                        -- when the last active zone restored
     test            INTEGER NOT NULL DEFAULT 0
 );
 -- One open incident per correlation key, enforced by the database.
