@@ -116,13 +116,25 @@ class Intake:
         return msgspec.structs.replace(signal, facility_id=facility_id, zone_label=label, test=signal.test or device.test_mode)
 
     async def submit_signal(self, signal: Signal, dedup_key: str | None) -> Admission:
-        resolved = self.resolve(signal)
+        return await self._journal_then_route(self.resolve(signal), dedup_key)
+
+    async def submit_internal(self, signal: Signal) -> Admission:
+        """Journal and route a signal the gateway raised itself (supervision, forwarding trouble).
+
+        The device need not be registered: link incidents name a link, not a device.
+        """
+        device = self._registry.device(signal.device_id)
+        if device is not None and device.facility_id and not signal.facility_id:
+            signal = msgspec.structs.replace(signal, facility_id=device.facility_id, test=signal.test or device.test_mode)
+        return await self._journal_then_route(signal, None)
+
+    async def _journal_then_route(self, signal: Signal, dedup_key: str | None) -> Admission:
         started = time.perf_counter()
-        future = self._journal.submit(_insert_signal(resolved, dedup_key))
+        future = self._journal.submit(_insert_signal(signal, dedup_key))
         # Routing hangs on the journal future, not on the caller: a driver task cancelled by a
         # lost connection must not leave a durable signal unrouted (its redelivery would be
         # recognised as a duplicate and never routed either).
-        future.add_done_callback(lambda done: self._after_commit(done, resolved, started))
+        future.add_done_callback(lambda done: self._after_commit(done, signal, started))
         return await asyncio.shield(future)
 
     def _after_commit(self, future: asyncio.Future[Admission], signal: Signal, started: float) -> None:
