@@ -1,8 +1,7 @@
 """The embedded MQTT broker (amqtt) for demos and single small sites.
 
-amqtt 0.12 delivered about 3,000 messages/s on a 2-core machine and accepts anonymous
-clients here, so it listens on loopback only; a real site uses Mosquitto with per-device
-credentials and an ACL (config/mosquitto/).
+It accepts anonymous clients, so it listens on loopback only. A real site uses Mosquitto
+with per-device credentials and an ACL (config/mosquitto/), because amqtt is much slower.
 """
 
 from __future__ import annotations

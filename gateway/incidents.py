@@ -2,7 +2,7 @@
 
 The engine decides in memory and returns a journal write that records the decision, the
 timeline entry, the outbox rows and the signal's `routed` mark in one transaction. Writes run
-in submission order, so the journal always holds a prefix of the engine's decisions; after a
+in submission order, so the journal always contains a prefix of the engine's decisions; after a
 crash the engine reloads open incidents and the journal replays the unrouted signals.
 """
 
@@ -63,7 +63,7 @@ def correlation_key(signal: Signal) -> str:
 
 
 class Decision(msgspec.Struct, kw_only=True):
-    """What routing one signal did, for logs, metrics and tests."""
+    """The outcome of routing one signal, for logs, metrics and tests."""
 
     signal_id: str
     incident_id: str = ""

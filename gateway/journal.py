@@ -36,7 +36,7 @@ class JournalError(Exception):
 
 
 def _schema_sql() -> str:
-    """The journal's DDL: journal.sql first, then every journal_*.sql in name order."""
+    """Return the journal's DDL: journal.sql first, then every journal_*.sql in name order."""
     folder = resources.files("gateway.schema")
     extra = sorted(item.name for item in folder.iterdir() if item.name.startswith("journal_") and item.name.endswith(".sql"))
     return "\n".join(folder.joinpath(name).read_text(encoding="utf-8") for name in ["journal.sql", *extra])
