@@ -14,6 +14,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from drivers.mqtt.driver import MqttDriver, MqttEndpoint
+from gateway import incident_api
 from gateway.backoff import Backoff
 from gateway.config import Config
 from gateway.destinations import Destination
@@ -109,7 +110,14 @@ class Gateway:
             len(self.destinations),
         )
 
-        self.status = StatusServer(self.metrics, self.health, self.config.http.host, self.config.http.port)
+        engine = self.engine
+        self.status = StatusServer(
+            self.metrics,
+            self.health,
+            self.config.http.host,
+            self.config.http.port,
+            extra_routes=lambda app: incident_api.add_routes(app, engine, self.journal, self._after_route),
+        )
         await self.status.start()
 
         mqtt_url = self.config.mqtt.url

@@ -1,4 +1,5 @@
-"""The local status endpoint: `/healthz` for probes and `/metrics` for Prometheus."""
+"""The local HTTP endpoint: `/healthz` for probes, `/metrics` for Prometheus, and any routes
+the daemon adds (the operator API)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from gateway.metrics import Metrics
 
 
 class StatusServer:
-    def __init__(self, metrics: Metrics, health: Callable[[], dict], host: str, port: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        health: Callable[[], dict],
+        host: str,
+        port: int,
+        extra_routes: Callable[[web.Application], None] | None = None,
+    ) -> None:
+        self._extra_routes = extra_routes
         self._metrics = metrics
         self._health = health
         self._host = host
@@ -24,6 +33,8 @@ class StatusServer:
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics_page)
+        if self._extra_routes is not None:
+            self._extra_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)

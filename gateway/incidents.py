@@ -38,6 +38,22 @@ class IncidentState(enum.StrEnum):
 
 OPEN_STATES = frozenset({IncidentState.OPEN, IncidentState.ACKNOWLEDGED, IncidentState.DISPATCHED, IncidentState.ON_SCENE})
 
+# The moves a person (or the gateway, for auto-resolve) may make; fire incidents are closed
+# only through resolved, with an outcome.
+TRANSITIONS: dict[IncidentState, frozenset[IncidentState]] = {
+    IncidentState.OPEN: frozenset({IncidentState.ACKNOWLEDGED, IncidentState.DISPATCHED, IncidentState.RESOLVED}),
+    IncidentState.ACKNOWLEDGED: frozenset({IncidentState.DISPATCHED, IncidentState.RESOLVED}),
+    IncidentState.DISPATCHED: frozenset({IncidentState.ON_SCENE, IncidentState.RESOLVED}),
+    IncidentState.ON_SCENE: frozenset({IncidentState.RESOLVED}),
+    IncidentState.RESOLVED: frozenset({IncidentState.CLOSED}),
+    IncidentState.CLOSED: frozenset(),
+}
+OUTCOMES = ("real_fire", "false_alarm", "unwanted", "test", "restored")
+
+
+class TransitionError(ValueError):
+    """A state change that the incident's current state does not allow."""
+
 
 class Incident(msgspec.Struct, kw_only=True):
     id: str
@@ -79,6 +95,7 @@ class IncidentEngine:
         self._registry = registry
         self._destinations = list(destinations)
         self._open: dict[str, Incident] = {}
+        self._resolved: dict[str, Incident] = {}
         self.trouble_holdoff_s = trouble_holdoff_s
 
     @property
@@ -86,12 +103,13 @@ class IncidentEngine:
         return list(self._open.values())
 
     def load(self, conn: sqlite3.Connection) -> int:
-        """Load open incidents from the journal; return how many."""
+        """Load open and resolved (not yet closed) incidents from the journal; return how many are open."""
         self._open.clear()
+        self._resolved.clear()
         rows = conn.execute(
             """SELECT id, correlation_key, facility_id, device_id, event_class, state, opened_at, updated_at,
                       zones, active_zones, test, outcome, restored_at
-               FROM incidents WHERE state IN ('open', 'acknowledged', 'dispatched', 'on_scene')"""
+               FROM incidents WHERE state IN ('open', 'acknowledged', 'dispatched', 'on_scene', 'resolved')"""
         )
         for row in rows:
             incident = Incident(
@@ -109,7 +127,10 @@ class IncidentEngine:
                 outcome=row[11],
                 restored_at=row[12],
             )
-            self._open[incident.correlation_key] = incident
+            if incident.state is IncidentState.RESOLVED:
+                self._resolved[incident.id] = incident
+            else:
+                self._open[incident.correlation_key] = incident
         return len(self._open)
 
     def route(self, signal: Signal) -> WriteOp:
@@ -169,16 +190,35 @@ class IncidentEngine:
     def change_state(
         self, incident_id: str, state: IncidentState, *, at: dt.datetime, actor: str, outcome: str = ""
     ) -> Callable[[sqlite3.Connection], Decision]:
-        """Move an incident to `state`; the update travels to the command centres like an alarm."""
-        incident = next((item for item in self._open.values() if item.id == incident_id), None)
+        """Move an incident to `state`; the update travels to the command centres like an alarm.
+
+        Raises LookupError for an unknown or closed incident and TransitionError for a move
+        that its current state does not allow.
+        """
+        incident = self._resolved.get(incident_id) or next((item for item in self._open.values() if item.id == incident_id), None)
         if incident is None:
-            raise LookupError(f"incident {incident_id} is not open")
+            raise LookupError(f"incident {incident_id} is not open or resolved")
+        if state not in TRANSITIONS[incident.state]:
+            allowed = ", ".join(sorted(TRANSITIONS[incident.state])) or "none"
+            raise TransitionError(f"incident {incident_id} is {incident.state.value}; it can move to: {allowed}")
+        if state is IncidentState.RESOLVED and outcome not in OUTCOMES:
+            raise TransitionError(f"resolving incident {incident_id} needs an outcome, one of: {', '.join(OUTCOMES)}")
+
+        previous = incident.state
         incident.state = state
         incident.outcome = outcome or incident.outcome
         incident.updated_at = at.timestamp()
-        if state not in OPEN_STATES:
+        if previous in OPEN_STATES and state not in OPEN_STATES:
             del self._open[incident.correlation_key]
+        if state is IncidentState.RESOLVED:
+            self._resolved[incident.id] = incident
+        elif state is IncidentState.CLOSED:
+            self._resolved.pop(incident.id, None)
         return self._record_state(incident, at=at, actor=actor)
+
+    def find(self, incident_id: str) -> Incident | None:
+        """Return an open or resolved incident by id."""
+        return self._resolved.get(incident_id) or next((item for item in self._open.values() if item.id == incident_id), None)
 
     def _outbox_rows(self, incident: Incident, body: event_body.EventBody) -> list[tuple[str, bytes]]:
         facility = self._registry.facility(incident.facility_id) if incident.facility_id else None

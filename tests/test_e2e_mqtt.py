@@ -124,3 +124,43 @@ def test_device_credentials_required(broker):
         timeout=10,
     )
     assert completed.returncode != 0
+
+
+def incident_set(gateway, incident_id: str, *args: str) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.cli.app", "incident", "set", incident_id, *args, "--http", f"127.0.0.1:{gateway.http_port}"],
+        capture_output=True,
+        timeout=30,
+        env={"GATEWAY_LANG": "en", "PATH": "/usr/bin:/bin"},
+    )
+
+
+async def test_incident_updates_follow_alarm(gateway, broker, centre):
+    """Test that acknowledge, resolve and close travel to the command centre after the alarm, in order."""
+    mosquitto_pub(broker, protocol.event_topic("DEV-001"), fire(seq=1, zone=1), user="DEV-001")
+    events = await centre.wait_for(lambda events: len(events) >= 1, timeout=10)
+    incident_id = events[0]["event"]["incident"]["id"]
+
+    steps = [("acknowledged",), ("dispatched",), ("resolved", "--outcome", "false_alarm"), ("closed",)]
+    for state, *extra in steps:
+        completed = incident_set(gateway, incident_id, state, "--actor", "can-bo-truc-1", *extra)
+        assert completed.returncode == 0, completed.stderr.decode()
+
+    events = await centre.wait_for(lambda events: len(events) >= 5, timeout=10)
+    updates = [entry["event"] for entry in events[1:]]
+    assert [update["kind"] for update in updates] == ["incident_update"] * 4
+    assert [update["incident"]["state"] for update in updates] == ["acknowledged", "dispatched", "resolved", "closed"]
+    assert {update["incident"]["id"] for update in updates} == {incident_id}
+
+
+async def test_incident_skipping_states_rejected(gateway, broker, centre):
+    """Test that closing an incident that was never resolved is rejected with a clear message."""
+    mosquitto_pub(broker, protocol.event_topic("DEV-001"), fire(seq=1, zone=1), user="DEV-001")
+    events = await centre.wait_for(lambda events: len(events) >= 1, timeout=10)
+
+    completed = incident_set(gateway, events[0]["event"]["incident"]["id"], "closed", "--actor", "can-bo-truc-1")
+
+    assert completed.returncode == 2
+    assert "can move to" in completed.stderr.decode()

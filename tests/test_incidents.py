@@ -19,7 +19,7 @@ import pytest
 from gateway import codes, event_body, registry
 from gateway import journal as journal_module
 from gateway.destinations import Destination
-from gateway.incidents import Decision, IncidentEngine, IncidentState
+from gateway.incidents import Decision, IncidentEngine, IncidentState, TransitionError
 from gateway.intake import _insert_signal
 from gateway.registry import RegistryCache
 from gateway.signal import EventClass, Qualifier, Signal, Source, new_signal_id
@@ -335,7 +335,7 @@ def test_route_duplicate_open_incident_rejected(conn, registry_cache):
 def test_route_after_resolve_opens_new_incident(conn, engine):
     """Test that once a fire incident is resolved, the next fire opens a new one."""
     first = route(conn, engine, make_signal("110", zone=1))
-    apply(conn, engine.change_state(first.incident_id, IncidentState.RESOLVED, at=T0 + dt.timedelta(minutes=5), actor="officer-1"))
+    apply(conn, engine.change_state(first.incident_id, IncidentState.RESOLVED, at=T0 + dt.timedelta(minutes=5), actor="officer-1", outcome="false_alarm"))
 
     second = route(conn, engine, make_signal("110", zone=1, at_s=600))
 
@@ -364,7 +364,7 @@ def test_load_restores_open_incidents(conn, registry_cache, engine):
 def test_load_skips_resolved_incidents(conn, registry_cache, engine):
     """Test that a resolved incident is not loaded as open after a restart."""
     opened = route(conn, engine, make_signal("110", zone=1))
-    apply(conn, engine.change_state(opened.incident_id, IncidentState.RESOLVED, at=T0 + dt.timedelta(minutes=1), actor="officer-1"))
+    apply(conn, engine.change_state(opened.incident_id, IncidentState.RESOLVED, at=T0 + dt.timedelta(minutes=1), actor="officer-1", outcome="false_alarm"))
 
     restarted = IncidentEngine(registry_cache, DESTINATIONS)
 
@@ -442,7 +442,7 @@ def test_change_state_resolved_notifies(conn, engine):
 def test_change_state_acknowledged_stays_open(conn, engine):
     """Test that acknowledging keeps the incident open, so a new fire still attaches."""
     opened = route(conn, engine, make_signal("110", zone=1))
-    apply(conn, engine.change_state(opened.incident_id, IncidentState.ACKNOWLEDGED, at=T0 + dt.timedelta(minutes=1), actor="officer-1"))
+    apply(conn, engine.change_state(opened.incident_id, IncidentState.ACKNOWLEDGED, at=T0 + dt.timedelta(minutes=1), actor="officer-1", outcome="false_alarm"))
 
     attached = route(conn, engine, make_signal("110", zone=2, at_s=120))
 
@@ -453,4 +453,29 @@ def test_change_state_acknowledged_stays_open(conn, engine):
 def test_change_state_unknown_incident_raises(engine):
     """Test that changing the state of an incident that is not open raises LookupError."""
     with pytest.raises(LookupError, match="not open"):
-        engine.change_state("no-such-incident", IncidentState.RESOLVED, at=T0, actor="officer-1")
+        engine.change_state("no-such-incident", IncidentState.RESOLVED, at=T0, actor="officer-1", outcome="false_alarm")
+
+
+def test_change_state_rejects_skipped_steps(conn, engine):
+    """Test that a transition the current state does not allow is rejected and changes nothing."""
+    opened = route(conn, engine, make_signal("110", zone=1))
+
+    with pytest.raises(TransitionError):
+        engine.change_state(opened.incident_id, IncidentState.CLOSED, at=T0, actor="officer-1")
+    with pytest.raises(TransitionError):
+        engine.change_state(opened.incident_id, IncidentState.RESOLVED, at=T0, actor="officer-1")
+
+    assert engine.find(opened.incident_id).state is IncidentState.OPEN
+
+
+def test_change_state_closes_resolved_incident(conn, engine):
+    """Test that a resolved incident can be closed, and that a closed one can no longer change."""
+    opened = route(conn, engine, make_signal("110", zone=1))
+    apply(conn, engine.change_state(opened.incident_id, IncidentState.ACKNOWLEDGED, at=T0, actor="officer-1"))
+    apply(conn, engine.change_state(opened.incident_id, IncidentState.RESOLVED, at=T0, actor="officer-1", outcome="real_fire"))
+    apply(conn, engine.change_state(opened.incident_id, IncidentState.CLOSED, at=T0, actor="officer-1"))
+
+    assert engine.find(opened.incident_id) is None
+    assert [row["state"] for row in incident_rows(conn)] == ["closed"]
+    with pytest.raises(LookupError):
+        engine.change_state(opened.incident_id, IncidentState.OPEN, at=T0, actor="officer-1")

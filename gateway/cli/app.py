@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from gateway import config as gateway_config
-from gateway.cli import decode, demo, registry_commands, sim
+from gateway.cli import decode, demo, incident_commands, registry_commands, sim
 from gateway.cli.console import fail
 from gateway.i18n import _, set_language
 
@@ -27,6 +27,7 @@ app.add_typer(decode.app, name="decode")
 app.add_typer(registry_commands.facility_app, name="facility")
 app.add_typer(registry_commands.device_app, name="device")
 app.add_typer(sim.app, name="sim")
+app.add_typer(incident_commands.app, name="incident")
 app.command("demo", help=_("Run the gateway with embedded defaults and a simulated site."))(demo.demo)
 
 
