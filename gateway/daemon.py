@@ -32,6 +32,7 @@ from gateway.signal import Signal, utc_now
 log = logging.getLogger(__name__)
 
 STAGE_TIMEOUT_S = 10.0
+SUBSCRIBE_WAIT_S = 10.0
 
 
 async def supervise(name: str, factory: Callable[[], Awaitable[None]], metrics: Metrics) -> None:
@@ -102,6 +103,11 @@ class Gateway:
         replayed = self.intake.unrouted()
         for signal in replayed:
             self.router.offer_alarm(signal)
+        if not self.destinations:
+            log.warning(
+                "no command-centre destination is configured: alarms are journaled and kept in incidents but forwarded "
+                "nowhere; add --forward URL or a [[destinations]] entry"
+            )
         log.info(
             "gateway starting: %d devices registered, %d open incidents, %d signals to replay, %d destinations",
             devices,
@@ -139,7 +145,20 @@ class Gateway:
             self._core_tasks.append(asyncio.create_task(supervise(f"forward:{name}", link.run, self.metrics)))
         self._core_tasks.append(asyncio.create_task(supervise("incident-sweep", self._sweep_incidents, self.metrics)))
         self._intake_tasks.append(asyncio.create_task(supervise("mqtt", self.mqtt.run, self.metrics)))
+        await self._await_subscription()
         log.info("gateway running; status on http://%s:%d/healthz", self.config.http.host, self.status.port)
+
+    async def _await_subscription(self) -> None:
+        """Wait briefly for the broker subscription, so that start() returns ready to receive.
+
+        With the embedded broker this matters most: it has no session from an earlier run, so an
+        event published before the gateway subscribes would reach no one.
+        """
+        assert self.mqtt is not None
+        try:
+            await asyncio.wait_for(self.mqtt.subscribed.wait(), timeout=SUBSCRIBE_WAIT_S)
+        except TimeoutError:
+            log.warning("not subscribed to the broker within %.0f s; starting anyway and retrying in the background", SUBSCRIBE_WAIT_S)
 
     def _route_alarm(self, signal: Signal) -> None:
         assert self.engine is not None
@@ -171,8 +190,14 @@ class Gateway:
     def health(self) -> dict:
         mqtt_up = self.mqtt is not None and self.mqtt.connected.is_set()
         pending = self.journal.reader.execute("SELECT COUNT(*) FROM outbox WHERE state = 'pending'").fetchone()[0]
+        problems = []
+        if not mqtt_up:
+            problems.append("MQTT link is down")
+        if not self.destinations:
+            problems.append("no command-centre destination configured")
         return {
-            "status": "ok" if mqtt_up else "degraded",
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
             "mqtt": "up" if mqtt_up else "down",
             "alarm_lane": self.router.alarm_depth,
             "heartbeat_lane": self.router.heartbeat_depth,

@@ -16,6 +16,9 @@ from amqtt.broker import Broker
 log = logging.getLogger(__name__)
 
 
+# NOTE: amqtt keeps sessions in memory only, so an event that a device publishes while the
+# gateway is not subscribed (for example during a gateway restart) is acked by the broker and
+# lost. The gateway waits for its subscription before it reports ready; sites use Mosquitto.
 class EmbeddedBroker:
     def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
         self.host = host

@@ -89,7 +89,7 @@ def test_decode_mqtt_bad_payload(tmp_path: Path, topic: str, payload: str, reaso
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"{reason}: ")
+    assert f"[{reason}]: " in lines[0]
 
 
 def test_decode_contact_id_good_message(tmp_path: Path):
@@ -115,7 +115,7 @@ def test_decode_contact_id_bad_checksum(tmp_path: Path):
 
     assert result.returncode == 2
     assert result.stdout == ""
-    assert result.stderr.startswith("bad_checksum: ")
+    assert "[bad_checksum]: " in result.stderr
     assert "should be '1'" in result.stderr
 
 

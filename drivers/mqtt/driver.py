@@ -58,6 +58,7 @@ class MqttDriver:
         prefix = f"$share/{shared_group}/" if shared_group else ""
         self.subscriptions = [f"{prefix}{protocol.TOPIC_ROOT}/+/{kind}" for kind in SUBSCRIBED_KINDS]
         self.connected = asyncio.Event()
+        self.subscribed = asyncio.Event()
         self._pending: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
@@ -71,6 +72,7 @@ class MqttDriver:
             else:
                 reason = "the broker closed the connection"
             self.connected.clear()
+            self.subscribed.clear()
             self._intake.link_state(LINK, False)
             delay = backoff.next_delay()
             log.warning("MQTT link to %s lost (%s); reconnecting in %.1f s", self._endpoint, reason, delay)
@@ -103,6 +105,7 @@ class MqttDriver:
             log.info("MQTT link to %s is up", endpoint)
             for topic in self.subscriptions:
                 await client.subscribe(topic, qos=1)
+            self.subscribed.set()
             async for message in client.messages:
                 self._dispatch(paho_client, message)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from importlib import metadata
 import logging
 import os
 import sys
@@ -13,7 +14,7 @@ import typer
 
 from gateway import config as gateway_config
 from gateway.cli import decode, demo, incident_commands, registry_commands, sim
-from gateway.cli.console import fail
+from gateway.cli.console import console, fail
 from gateway.i18n import _, set_language
 
 app = typer.Typer(
@@ -31,6 +32,19 @@ app.add_typer(incident_commands.app, name="incident")
 app.command("demo", help=_("Run the gateway with embedded defaults and a simulated site."))(demo.demo)
 
 
+def show_version(value: bool) -> None:
+    if value:
+        console.print(f"pccc-gateway {metadata.version('pccc-gateway')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=show_version, is_eager=True, help=_("Print the version and exit."))] = False,
+) -> None:
+    """Alarm-receiving gateway for fire-alarm transmitters."""
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -45,7 +59,7 @@ def run(
     mqtt: Annotated[str | None, typer.Option("--mqtt", help=_("Broker URL (mqtt://host:port) or `embedded`."))] = None,
     forward: Annotated[str | None, typer.Option("--forward", help=_("Base URL of the central command-centre API."))] = None,
     forward_secret: Annotated[str | None, typer.Option("--forward-secret", envvar="GATEWAY_FORWARD_SECRET", help=_("HMAC secret for signing forwarded events."))] = None,
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help=_("Folder of the journal and registry."))] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", envvar="GATEWAY_DATA_DIR", help=_("Folder of the journal and registry."))] = None,
     http: Annotated[str | None, typer.Option("--http", help=_("HOST:PORT of /healthz and /metrics."))] = None,
     log_level: Annotated[str, typer.Option("--log-level", help=_("debug, info, warning or error."))] = "info",
 ) -> None:
@@ -59,7 +73,7 @@ def run(
             settings, mqtt_url=mqtt, forward_url=forward, forward_secret=forward_secret, data_dir=data_dir, http_listen=http
         )
     except gateway_config.ConfigError as error:
-        fail(str(error), code=2)
+        fail(_("The configuration is invalid; the gateway did not start.") + "\n" + str(error), code=2)
     if config_file is not None and "GATEWAY_LANG" not in os.environ:
         set_language(settings.gateway.language)
     try:

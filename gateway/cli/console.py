@@ -8,8 +8,9 @@ from typing import NoReturn
 import typer
 from rich.console import Console
 
-console = Console()
-error_console = Console(stderr=True)
+# soft_wrap keeps long lines (JSON payloads, URLs) whole, so they can be copied and grepped.
+console = Console(soft_wrap=True)
+error_console = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, *, code: int = 2) -> NoReturn:

@@ -13,6 +13,7 @@ from drivers.contact_id import ContactIdError, parse_contact_id
 from drivers.mqtt import protocol
 from gateway import codes
 from gateway.cli.console import fail
+from gateway.cli.reasons import reason_line
 from gateway.i18n import _
 from gateway.signal import Signal, Source, new_signal_id, utc_now
 
@@ -45,7 +46,7 @@ def decode_mqtt(
         else:
             fail(_("topic kind {kind} carries no signal").format(kind=parsed.kind))
     except Rejection as rejection:
-        fail(f"{rejection.reason}: {rejection.message}")
+        fail(reason_line(rejection.reason, rejection.message))
 
 
 @app.command("contact-id", help=_("Decode a Contact ID (SIA DC-05) message."))
@@ -57,9 +58,9 @@ def decode_contact_id(
         message = parse_contact_id(digits)
         entry = codes.lookup(message.code)
     except ContactIdError as error:
-        fail(f"{error.reason}: {error}")
+        fail(reason_line(error.reason, str(error)))
     except codes.UnknownEventCode as error:
-        fail(f"unknown_code: {error}")
+        fail(reason_line("unknown_code", str(error)))
     signal = Signal(
         id=new_signal_id(),
         source=Source.SERIAL,

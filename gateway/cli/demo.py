@@ -20,6 +20,7 @@ from drivers.base import Heartbeat
 from gateway import config as gateway_config
 from gateway import registry
 from gateway.cli.console import console
+from gateway.cli.lifecycle import run_until_stopped
 from gateway.cli.registry_commands import open_registry
 from gateway.daemon import Gateway
 from gateway.i18n import _
@@ -146,7 +147,5 @@ def demo(
     from gateway.cli.app import configure_logging
 
     configure_logging("warning")
-    try:
-        asyncio.run(run_demo(data_dir, devices, interval, fire_at, duration))
-    except KeyboardInterrupt:
+    if run_until_stopped(run_demo(data_dir, devices, interval, fire_at, duration)):
         console.print(_("Demo stopped."))

@@ -85,6 +85,21 @@ def facility_import(
     console.print(_("{count} facilities imported.").format(count=len(rows)))
 
 
+@facility_app.command("list", help=_("List registered facilities with their zones and devices."))
+def facility_list(data_dir: DataDir = Path("var")) -> None:
+    with closing(open_registry(data_dir)) as conn:
+        rows = conn.execute(
+            """SELECT f.id, f.name, f.commune, f.province, f.team,
+                      (SELECT COUNT(*) FROM zones z WHERE z.facility_id = f.id),
+                      (SELECT COUNT(*) FROM devices d WHERE d.facility_id = f.id)
+               FROM facilities f ORDER BY f.id"""
+        ).fetchall()
+    table = Table(_("Facility"), _("Name"), _("Commune"), _("Province"), _("Team"), _("Zones"), _("Devices"))
+    for row in rows:
+        table.add_row(*(str(value) for value in row))
+    console.print(table)
+
+
 @device_app.command("add", help=_("Register a device and print its broker credentials."))
 def device_add(
     device_id: Annotated[str, typer.Argument(help=_("Device id, also its MQTT user name: 3-64 of A-Z a-z 0-9 _ -"))],
@@ -113,6 +128,12 @@ def device_add(
     except registry.RegistryError as error:
         fail(str(error))
     console.print(_("Device {id} registered.").format(id=device.id))
+    if not device.facility_id:
+        console.print(
+            "[bold yellow]"
+            + _("Warning: the device is not bound to a facility; its alarms reach the command centre without an address. Bind it with --facility.")
+            + "[/]"
+        )
     console.print(_("MQTT user name: {user}").format(user=device.id))
     console.print(_("MQTT password: {password}").format(password=secret))
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from gateway.cli.console import console, fail
+from gateway.cli.lifecycle import run_until_stopped
 from gateway.i18n import _
 
 app = typer.Typer(help=_("Simulated transmitters and command centre."), no_args_is_help=True)
@@ -40,10 +40,7 @@ def transmitter(
 
     fleet = TransmitterFleet(broker, device_ids, interval_s=interval, passwords=passwords, schedule=schedule, on_publish=show)
     console.print(_("{count} simulated devices connecting to {broker}").format(count=devices, broker=broker))
-    try:
-        asyncio.run(fleet.run(duration))
-    except KeyboardInterrupt:
-        pass
+    run_until_stopped(fleet.run(duration))
 
 
 @app.command("command-center", help=_("Run a simulated command centre that verifies and records events."))
@@ -65,7 +62,4 @@ def command_center(
         )
 
     console.print(_("Simulated command centre on http://{host}:{port}").format(host=host, port=port))
-    try:
-        asyncio.run(serve_forever(host, port, secret, record, show))
-    except KeyboardInterrupt:
-        pass
+    run_until_stopped(serve_forever(host, port, secret, record, show))
