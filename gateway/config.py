@@ -97,6 +97,18 @@ class DestinationSection(Section):
         raise ValueError("must be `central`, `province:<province name>` or `team:<team id>`")
 
 
+class StoreSection(Section):
+    url: str = ""
+    retention_days: Annotated[int, Field(ge=1, le=3650)] = 90
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be empty (the embedded store) or a postgresql:// URL of TimescaleDB")
+        return value
+
+
 class IncidentsSection(Section):
     trouble_holdoff_s: Annotated[float, Field(ge=0, le=86400)] = 60.0
 
@@ -108,6 +120,7 @@ class Config(Section):
     http: HttpSection = HttpSection()
     destinations: list[DestinationSection] = []
     incidents: IncidentsSection = IncidentsSection()
+    store: StoreSection = StoreSection()
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> Config:
@@ -155,7 +168,8 @@ def load(path: Path | None) -> Config:
 
 
 def with_overrides(config: Config, *, mqtt_url: str | None = None, forward_url: str | None = None,
-                   forward_secret: str | None = None, data_dir: Path | None = None, http_listen: str | None = None) -> Config:
+                   forward_secret: str | None = None, data_dir: Path | None = None, http_listen: str | None = None,
+                   store_url: str | None = None) -> Config:
     """Apply command-line flags on top of the file; the result is validated again."""
     data = config.model_dump(mode="python")
     if mqtt_url is not None:
@@ -164,6 +178,8 @@ def with_overrides(config: Config, *, mqtt_url: str | None = None, forward_url: 
         data["gateway"]["data_dir"] = data_dir
     if http_listen is not None:
         data["http"]["listen"] = http_listen
+    if store_url is not None:
+        data["store"]["url"] = store_url
     if forward_url is not None:
         others = [item for item in data["destinations"] if item["name"] != "central"]
         central = {"name": "central", "url": forward_url, "scope": "central", "secret": forward_secret or ""}

@@ -7,6 +7,7 @@ backoff, so no single failing driver or destination takes the daemon down.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import gc
 import logging
 import signal as os_signal
@@ -28,6 +29,8 @@ from gateway.metrics import Metrics
 from gateway.registry import RegistryCache
 from gateway.router import Router
 from gateway.signal import Signal, utc_now
+from gateway.store import Store, open_store
+from gateway.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ class Gateway:
         self.mqtt: MqttDriver | None = None
         self.broker: EmbeddedBroker | None = None
         self.status: StatusServer | None = None
+        self.store: Store | None = None
+        self.store_writer: StoreWriter | None = None
         self._intake_tasks: list[asyncio.Task] = []
         self._core_tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
@@ -89,6 +94,14 @@ class Gateway:
         await self.journal.start()
         self.registry = RegistryCache(self.journal.reader)
         devices = self.registry.load()
+        retention = dt.timedelta(days=self.config.store.retention_days)
+        self.store = open_store(self.config.store.url or None, self.config.gateway.data_dir, retention=retention,
+                                heartbeat_interval=self._heartbeat_interval)
+        await self.store.start()
+        self.store_writer = StoreWriter(self.store, self.journal, self.metrics.registry, retention=retention)
+        self.router.on_heartbeats(self.store_writer.offer_heartbeats)
+        self.router.on_alarm(self.store_writer.notify_signal)
+
         self.engine = IncidentEngine(self.registry, self.destinations, trouble_holdoff_s=self.config.incidents.trouble_holdoff_s)
         open_incidents = self.engine.load(self.journal.reader)
         self.intake = Intake(self.journal, self.registry, self.router, self.metrics)
@@ -141,12 +154,17 @@ class Gateway:
         )
 
         self._core_tasks.append(asyncio.create_task(supervise("router", self.router.run, self.metrics)))
+        self._core_tasks.append(asyncio.create_task(supervise("store", self.store_writer.run, self.metrics)))
         for name, link in self.forwarder.links.items():
             self._core_tasks.append(asyncio.create_task(supervise(f"forward:{name}", link.run, self.metrics)))
         self._core_tasks.append(asyncio.create_task(supervise("incident-sweep", self._sweep_incidents, self.metrics)))
         self._intake_tasks.append(asyncio.create_task(supervise("mqtt", self.mqtt.run, self.metrics)))
         await self._await_subscription()
         log.info("gateway running; status on http://%s:%d/healthz", self.config.http.host, self.status.port)
+
+    def _heartbeat_interval(self, device_id: str) -> float | None:
+        device = self.registry.device(device_id) if self.registry is not None else None
+        return float(device.heartbeat_s) if device is not None else None
 
     async def _await_subscription(self) -> None:
         """Wait briefly for the broker subscription, so that start() returns ready to receive.
@@ -211,6 +229,10 @@ class Gateway:
         await self._stage("drain alarm lane", self._drain_alarms())
         await self._stage("flush journal", self.journal.write(lambda conn: None))
         await self._stage("stop forwarder and core tasks", self._cancel(self._core_tasks))
+        if self.store_writer is not None:
+            await self._stage("spool store buffer", self.store_writer.close())
+        if self.store is not None:
+            await self._stage("close store", self.store.close())
         if self.status is not None:
             await self._stage("stop status server", self.status.stop())
         await self._stage("close journal", self.journal.close())

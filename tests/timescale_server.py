@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -53,6 +55,57 @@ def timescale_cluster(tmp_dir: str | os.PathLike[str]) -> Iterator[str]:
     Raises RuntimeError when TimescaleDB is not installed or the cluster fails to
     start or stop.
     """
+    with timescale_cluster_handle(tmp_dir) as cluster:
+        yield cluster.url
+
+
+@dataclasses.dataclass(frozen=True)
+class TimescaleCluster:
+    """A running throwaway cluster that a test may stop and start again."""
+
+    url: str
+    directory: Path
+
+    def stop(self) -> None:
+        """Stop the server with a fast shutdown, keeping the data directory for `start`."""
+        stopped = _run_script("stop", str(self.directory), timeout=STOP_TIMEOUT_S)
+        if stopped.returncode != 0:
+            raise RuntimeError(f"{SCRIPT.name} stop {self.directory} failed:\n{stopped.stderr}")
+
+    def start(self) -> None:
+        """Start the stopped server again on the same data directory and port.
+
+        `timescaledb.sh start` only creates new clusters, so this runs the cluster's own
+        pg_ctl, as the user that owns the data directory.
+        """
+        data = self.directory / "data"
+        bindir = Path((self.directory / "bindir").read_text().strip())
+        command = [
+            str(bindir / "pg_ctl"), "-D", str(data), "-l", str(self.directory / "postgres.log"),
+            "-w", "-t", str(START_TIMEOUT_S), "start",
+        ]
+        owner = data.owner()
+        if owner != pwd.getpwuid(os.geteuid()).pw_name:
+            command = ["runuser", "-u", owner, "--", *command]
+        started = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=START_TIMEOUT_S + 10,
+            check=False,
+            cwd="/",
+        )
+        if started.returncode != 0:
+            raise RuntimeError(
+                f"restarting PostgreSQL in {data} failed with exit status {started.returncode}:\n"
+                f"{started.stdout}{started.stderr}"
+            )
+
+
+@contextlib.contextmanager
+def timescale_cluster_handle(tmp_dir: str | os.PathLike[str]) -> Iterator[TimescaleCluster]:
+    """Like `timescale_cluster`, but yield a `TimescaleCluster` that can be stopped and restarted."""
     cluster_dir = _make_cluster_dir()
     try:
         started = _run_script("start", str(cluster_dir), timeout=START_TIMEOUT_S)
@@ -72,7 +125,7 @@ def timescale_cluster(tmp_dir: str | os.PathLike[str]) -> Iterator[str]:
                 f"{SCRIPT.name} start printed no connection URL; output was:\n"
                 f"{started.stdout}{started.stderr}"
             )
-        yield lines[-1]
+        yield TimescaleCluster(url=lines[-1], directory=cluster_dir)
     finally:
         _stop_and_remove(cluster_dir, Path(tmp_dir))
 

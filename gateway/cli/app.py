@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from gateway import config as gateway_config
-from gateway.cli import decode, demo, incident_commands, registry_commands, sim
+from gateway.cli import db, decode, demo, incident_commands, registry_commands, sim
 from gateway.cli.console import console, fail
 from gateway.i18n import _, set_language
 
@@ -29,6 +29,7 @@ app.add_typer(registry_commands.facility_app, name="facility")
 app.add_typer(registry_commands.device_app, name="device")
 app.add_typer(sim.app, name="sim")
 app.add_typer(incident_commands.app, name="incident")
+app.add_typer(db.app, name="db")
 app.command("demo", help=_("Run the gateway with embedded defaults and a simulated site."))(demo.demo)
 
 
@@ -61,6 +62,7 @@ def run(
     forward_secret: Annotated[str | None, typer.Option("--forward-secret", envvar="GATEWAY_FORWARD_SECRET", help=_("HMAC secret for signing forwarded events."))] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", envvar="GATEWAY_DATA_DIR", help=_("Folder of the journal and registry."))] = None,
     http: Annotated[str | None, typer.Option("--http", help=_("HOST:PORT of /healthz and /metrics."))] = None,
+    store: Annotated[str | None, typer.Option("--store", envvar="GATEWAY_STORE_URL", help=_("postgresql:// URL of TimescaleDB; without it heartbeats stay in the embedded store."))] = None,
     log_level: Annotated[str, typer.Option("--log-level", help=_("debug, info, warning or error."))] = "info",
 ) -> None:
     """Run the gateway until SIGTERM or SIGINT."""
@@ -70,7 +72,8 @@ def run(
     try:
         settings = gateway_config.load(config_file)
         settings = gateway_config.with_overrides(
-            settings, mqtt_url=mqtt, forward_url=forward, forward_secret=forward_secret, data_dir=data_dir, http_listen=http
+            settings, mqtt_url=mqtt, forward_url=forward, forward_secret=forward_secret, data_dir=data_dir, http_listen=http,
+            store_url=store,
         )
     except gateway_config.ConfigError as error:
         fail(_("The configuration is invalid; the gateway did not start.") + "\n" + str(error), code=2)

@@ -36,12 +36,16 @@ def migrate(
         str | None,
         typer.Option(
             "--store",
+            metavar="URL",
             envvar="GATEWAY_STORE_URL",
             help=_("PostgreSQL URL of the TimescaleDB store. Without it, the embedded store in the data folder is used."),
         ),
     ] = None,
     data_dir: Annotated[
-        Path, typer.Option("--data-dir", envvar="GATEWAY_DATA_DIR", help=_("Folder of the journal and the embedded store."))
+        Path,
+        typer.Option(
+            "--data-dir", metavar="DIR", envvar="GATEWAY_DATA_DIR", help=_("Folder of the journal and the embedded store.")
+        ),
     ] = Path("var"),
 ) -> None:
     """Apply the store's schema migrations that are not applied yet."""
@@ -59,4 +63,4 @@ def migrate(
         return
     for name in applied:
         typer.echo(_("applied {name}").format(name=name))
-    typer.echo(_("Store {target}: {count} migrations applied.").format(target=target, count=len(applied)))
+    typer.echo(_("Store {target}: migrations applied: {count}.").format(target=target, count=len(applied)))
