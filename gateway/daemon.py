@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from drivers.mqtt.driver import MqttDriver, MqttEndpoint
-from gateway import incident_api
+from gateway import device_api, incident_api
 from gateway.backoff import Backoff
 from gateway.config import Config
 from gateway.destinations import Destination
@@ -30,6 +30,8 @@ from gateway.registry import RegistryCache
 from gateway.router import Router
 from gateway.signal import Signal, utc_now
 from gateway.store import Store, open_store
+from gateway.supervision import Supervisor, SystemClock
+from gateway.supervision.restart import note_open_conditions
 from gateway.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -85,6 +87,8 @@ class Gateway:
         self.broker: EmbeddedBroker | None = None
         self.status: StatusServer | None = None
         self.store: Store | None = None
+        self.supervisor: Supervisor | None = None
+        self._background: set[asyncio.Task] = set()
         self.store_writer: StoreWriter | None = None
         self._intake_tasks: list[asyncio.Task] = []
         self._core_tasks: list[asyncio.Task] = []
@@ -113,6 +117,8 @@ class Gateway:
         gc.collect()
         gc.freeze()
 
+        self._start_supervision()
+
         replayed = self.intake.unrouted()
         for signal in replayed:
             self.router.offer_alarm(signal)
@@ -129,13 +135,12 @@ class Gateway:
             len(self.destinations),
         )
 
-        engine = self.engine
         self.status = StatusServer(
             self.metrics,
             self.health,
             self.config.http.host,
             self.config.http.port,
-            extra_routes=lambda app: incident_api.add_routes(app, engine, self.journal, self._after_route),
+            extra_routes=self._add_routes,
         )
         await self.status.start()
 
@@ -155,12 +160,55 @@ class Gateway:
 
         self._core_tasks.append(asyncio.create_task(supervise("router", self.router.run, self.metrics)))
         self._core_tasks.append(asyncio.create_task(supervise("store", self.store_writer.run, self.metrics)))
+        self._core_tasks.append(asyncio.create_task(supervise("supervision", self._supervision_ticks, self.metrics)))
         for name, link in self.forwarder.links.items():
             self._core_tasks.append(asyncio.create_task(supervise(f"forward:{name}", link.run, self.metrics)))
         self._core_tasks.append(asyncio.create_task(supervise("incident-sweep", self._sweep_incidents, self.metrics)))
         self._intake_tasks.append(asyncio.create_task(supervise("mqtt", self.mqtt.run, self.metrics)))
         await self._await_subscription()
         log.info("gateway running; status on http://%s:%d/healthz", self.config.http.host, self.status.port)
+
+    def _add_routes(self, app) -> None:
+        assert self.engine is not None and self.supervisor is not None and self.registry is not None
+        incident_api.add_routes(app, self.engine, self.journal, self._after_route)
+        device_api.add_routes(app, self.supervisor, self.registry)
+
+    def _start_supervision(self) -> None:
+        assert self.registry is not None and self.intake is not None
+        self.supervisor = Supervisor(
+            SystemClock(),
+            self._emit_supervision,
+            grace_s=self.config.gateway.startup_grace_s,
+            device_lookup=self.registry.device,
+        )
+        try:
+            self.supervisor.load_from_registry(self.registry.devices())
+        except ValueError as error:
+            # Names every device whose window is shorter than its heartbeat; the rest are supervised.
+            log.error("%s", error)
+        note_open_conditions(self.supervisor, self.journal.reader)
+        self.router.on_alarm(self.supervisor.on_signal)
+        self.router.on_heartbeats(self.supervisor.on_heartbeats)
+        self.intake.status_listeners.append(self.supervisor.on_status)
+        self.intake.link_listeners.append(self.supervisor.on_link)
+
+    def _emit_supervision(self, signal: Signal) -> None:
+        """Journal and route a supervision signal; called from tick(), so it must not raise."""
+        assert self.intake is not None
+        task = asyncio.get_running_loop().create_task(self.intake.submit_internal(signal))
+        self._background.add(task)
+        task.add_done_callback(lambda done: self._background_done(done, signal))
+
+    def _background_done(self, task: asyncio.Task, signal: Signal) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("journaling gateway signal %s (%s from %s) failed: %s", signal.id, signal.code, signal.device_id, task.exception())
+
+    async def _supervision_ticks(self) -> None:
+        assert self.supervisor is not None
+        while True:
+            await asyncio.sleep(1.0)
+            self.supervisor.tick()
 
     def _heartbeat_interval(self, device_id: str) -> float | None:
         device = self.registry.device(device_id) if self.registry is not None else None

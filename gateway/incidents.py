@@ -65,7 +65,7 @@ class Incident(msgspec.Struct, kw_only=True):
     opened_at: float
     updated_at: float
     zones: list[int]
-    active_zones: list[int]
+    active_conditions: list[str]
     test: bool = False
     outcome: str = ""
     restored_at: float | None = None
@@ -76,6 +76,15 @@ def correlation_key(signal: Signal) -> str:
     owner = signal.facility_id or f"device:{signal.device_id}"
     mode = "test" if signal.test else "live"
     return f"{owner}|{signal.event_class.value}|{mode}"
+
+
+def condition_key(signal: Signal) -> str:
+    """What a restore must match: the same device, event code and zone.
+
+    Supervision raises several troubles on zone 0 of one device (communication loss, mains
+    lost), so the zone alone would let one restore clear another condition.
+    """
+    return f"{signal.device_id}:{signal.code}:{signal.zone}"
 
 
 class Decision(msgspec.Struct, kw_only=True):
@@ -108,7 +117,7 @@ class IncidentEngine:
         self._resolved.clear()
         rows = conn.execute(
             """SELECT id, correlation_key, facility_id, device_id, event_class, state, opened_at, updated_at,
-                      zones, active_zones, test, outcome, restored_at
+                      zones, active_conditions, test, outcome, restored_at
                FROM incidents WHERE state IN ('open', 'acknowledged', 'dispatched', 'on_scene', 'resolved')"""
         )
         for row in rows:
@@ -122,7 +131,7 @@ class IncidentEngine:
                 opened_at=row[6],
                 updated_at=row[7],
                 zones=json_loads(row[8]),
-                active_zones=json_loads(row[9]),
+                active_conditions=json_loads(row[9]),
                 test=bool(row[10]),
                 outcome=row[11],
                 restored_at=row[12],
@@ -145,9 +154,10 @@ class IncidentEngine:
             if incident is None:
                 log.info("restore %s from device %s matches no open incident", signal.code, signal.device_id)
                 return _mark_routed(Decision(signal_id=signal.id))
-            if signal.zone in incident.active_zones:
-                incident.active_zones.remove(signal.zone)
-            if not incident.active_zones:
+            condition = condition_key(signal)
+            if condition in incident.active_conditions:
+                incident.active_conditions.remove(condition)
+            if not incident.active_conditions:
                 incident.restored_at = now
             incident.updated_at = now
             return self._record(incident, signal, "restored", created=False)
@@ -163,7 +173,7 @@ class IncidentEngine:
                 opened_at=now,
                 updated_at=now,
                 zones=[signal.zone],
-                active_zones=[signal.zone],
+                active_conditions=[condition_key(signal)],
                 test=signal.test,
             )
             self._open[key] = incident
@@ -171,8 +181,9 @@ class IncidentEngine:
 
         if signal.zone not in incident.zones:
             incident.zones.append(signal.zone)
-        if signal.zone not in incident.active_zones:
-            incident.active_zones.append(signal.zone)
+        condition = condition_key(signal)
+        if condition not in incident.active_conditions:
+            incident.active_conditions.append(condition)
         incident.restored_at = None
         incident.updated_at = now
         return self._record(incident, signal, "attached", created=False)
@@ -332,7 +343,7 @@ def _incident_row(incident: Incident) -> tuple:
         incident.opened_at,
         incident.updated_at,
         _json_text(incident.zones),
-        _json_text(incident.active_zones),
+        _json_text(incident.active_conditions),
         int(incident.test),
         incident.restored_at,
     )
@@ -342,13 +353,13 @@ def _save_incident(conn: sqlite3.Connection, row: tuple, created: bool) -> None:
     if created:
         conn.execute(
             """INSERT INTO incidents (id, correlation_key, facility_id, device_id, event_class, state, outcome,
-                                      opened_at, updated_at, zones, active_zones, test, restored_at)
+                                      opened_at, updated_at, zones, active_conditions, test, restored_at)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             row,
         )
         return
     conn.execute(
-        "UPDATE incidents SET state = ?, outcome = ?, updated_at = ?, zones = ?, active_zones = ?, restored_at = ? WHERE id = ?",
+        "UPDATE incidents SET state = ?, outcome = ?, updated_at = ?, zones = ?, active_conditions = ?, restored_at = ? WHERE id = ?",
         (row[5], row[6], row[8], row[9], row[10], row[12], row[0]),
     )
 

@@ -170,7 +170,7 @@ def test_route_second_zone_attaches(conn, engine):
     assert attached.incident_id == opened.incident_id
     assert len(rows) == 1
     assert json.loads(rows[0]["zones"]) == [1, 2]
-    assert json.loads(rows[0]["active_zones"]) == [1, 2]
+    assert json.loads(rows[0]["active_conditions"]) == ["DEV-001:110:1", "DEV-001:111:2"]
     bodies = [body for _, body in outbox(conn, second.id)]
     assert bodies
     assert {body.incident.zone_count for body in bodies} == {2}
@@ -212,7 +212,7 @@ def test_route_restore_annotates_fire(conn, engine):
     assert restored.action == "restored"
     assert restored.incident_id == opened.incident_id
     assert rows[0]["state"] == "open"
-    assert json.loads(rows[0]["active_zones"]) == []
+    assert json.loads(rows[0]["active_conditions"]) == []
     assert timeline(conn, opened.incident_id) == ["opened", "restored"]
     assert [incident.id for incident in engine.open_incidents] == [opened.incident_id]
     assert engine.due_auto_resolve(T0.timestamp() + 30 + 10 * HOLDOFF_S) == []
@@ -479,3 +479,14 @@ def test_change_state_closes_resolved_incident(conn, engine):
     assert [row["state"] for row in incident_rows(conn)] == ["closed"]
     with pytest.raises(LookupError):
         engine.change_state(opened.incident_id, IncidentState.OPEN, at=T0, actor="officer-1")
+
+
+def test_restore_matches_device_code_and_zone(conn, engine):
+    """Test that a mains restore does not clear a communication loss on the same device and zone."""
+    route(conn, engine, make_signal("350", zone=0))
+    route(conn, engine, make_signal("301", zone=0, at_s=1))
+    route(conn, engine, make_signal("301", zone=0, qualifier=Qualifier.RESTORE, at_s=2))
+
+    assert engine.due_auto_resolve(T0.timestamp() + 10_000) == []
+    rows = incident_rows(conn)
+    assert json.loads(rows[0]["active_conditions"]) == ["DEV-001:350:0"]

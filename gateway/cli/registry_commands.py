@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+import urllib.error
+import urllib.parse
+import urllib.request
 from contextlib import closing
 from pathlib import Path
 from typing import Annotated
@@ -167,3 +171,39 @@ def device_passwd(
     if acl_file is not None:
         acl_file.write_text(credentials.acl_file(gateway_user), encoding="utf-8")
     console.print(_("{count} credentials written to {path}.").format(count=len(entries), path=password_file))
+
+
+@device_app.command("status", help=_("Show whether devices are online, with their last heartbeat, from the running gateway."))
+def device_status(
+    device_id: Annotated[str | None, typer.Argument(help=_("Device id; all devices when omitted."))] = None,
+    http: Annotated[str, typer.Option("--http", help=_("HOST:PORT of the running gateway's local API."))] = "127.0.0.1:8780",
+    as_json: Annotated[bool, typer.Option("--json", help=_("Print JSON instead of a table."))] = False,
+) -> None:
+    query = f"?{urllib.parse.urlencode({'id': device_id})}" if device_id else ""
+    try:
+        with urllib.request.urlopen(f"http://{http}/v1/devices/status{query}", timeout=10) as response:
+            states = json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        detail = json.loads(error.read() or b"{}").get("error", error.reason)
+        fail(_("The gateway rejected the request: {detail}").format(detail=detail))
+    except OSError as error:
+        fail(_("Cannot reach the gateway at {http}: {error}").format(http=http, error=error))
+    if as_json:
+        console.print_json(data=states)
+        return
+
+    table = Table(_("Device"), _("State"), _("Last heard"), _("Battery (V)"), _("Mains"), _("Signal (dBm)"), _("Link"), _("Open troubles"))
+    for state in states:
+        heartbeat = state.get("last_heartbeat") or {}
+        mains = heartbeat.get("mains")
+        table.add_row(
+            state["device_id"],
+            _("online") if state["online"] else _("offline"),
+            _("{seconds:.0f} s ago").format(seconds=state["silent_s"]) if state.get("last_seen") else _("never"),
+            "-" if heartbeat.get("battery_v") is None else f"{heartbeat['battery_v']:.1f}",
+            "-" if mains is None else (_("yes") if mains else _("no")),
+            "-" if heartbeat.get("rssi") is None else str(heartbeat["rssi"]),
+            heartbeat.get("link") or "-",
+            ", ".join(state.get("raised") or ()) or "-",
+        )
+    console.print(table)

@@ -70,7 +70,7 @@ CREATE TABLE IF NOT EXISTS incidents (
     opened_at       REAL NOT NULL,
     updated_at      REAL NOT NULL,
     zones           TEXT NOT NULL DEFAULT '[]',  -- JSON list of zones that reported
-    active_zones    TEXT NOT NULL DEFAULT '[]',  -- JSON list of zones not yet restored
+    active_conditions TEXT NOT NULL DEFAULT '[]',  -- JSON list of device:code:zone not yet restored
     restored_at     REAL,                        -- when the last active zone restored
     test            INTEGER NOT NULL DEFAULT 0
 );
