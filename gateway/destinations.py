@@ -20,6 +20,14 @@ class Destination(msgspec.Struct, kw_only=True, frozen=True):
     secret: str = ""
     bearer_token: str = ""
     timeout_s: float = 10.0
+    ca_file: str = ""
+    """PEM file of the CA that signed the centre's server certificate; empty uses the system CAs."""
+    client_cert: str = ""
+    """PEM client certificate (chain) for mutual TLS; empty sends no client certificate."""
+    client_key: str = ""
+    """PEM private key of `client_cert`; empty when the key is inside the certificate file."""
+    max_in_flight: int = 8
+    """Requests in flight at once to this destination, each for a different incident."""
 
 
 def covers(destination: Destination, facility: Facility | None) -> bool:

@@ -5,7 +5,8 @@ an `Idempotency-Key` header, an optional HMAC signature, and a body that decodes
 `gateway.event_body.EventBody`. A first-time key is recorded and gets 201 Created, a repeated
 key gets 409 Conflict and is not recorded again. Faults (outage, 5xx, slowness, rejected events) are
 injected at start or at run time through `POST /control`, so tests can drive the forwarder's
-retry and dead-letter paths against a real HTTP server.
+retry and dead-letter paths against a real HTTP server. With an `ssl_context` it serves HTTPS;
+`server_tls_context` builds one that demands a client certificate, for mutual TLS.
 
 Endpoints:
     POST /v1/events   receive one event
@@ -23,6 +24,7 @@ import collections
 import dataclasses
 import datetime as dt
 import logging
+import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -36,12 +38,25 @@ from gateway.signing import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEAD
 log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/v1/events"
-FAULT_MODES = ("normal", "down", "fail_next", "slow", "reject_event", "duplicate_confirm")
+FAULT_MODES = ("normal", "down", "fail_next", "fail_event", "slow", "reject_event", "duplicate_confirm")
+# Statuses that `fail_next` may answer with: the ones the gateway retries.
+RETRYABLE_STATUSES = frozenset({408, 429, *range(500, 600)})
 
 # Seconds that stop() lets a request in progress, such as one delayed by `slow`, finish.
 SHUTDOWN_TIMEOUT_S = 1.0
 
 Entry = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+    """One `POST /v1/events` request and the response to it, as the server saw them."""
+
+    headers: dict[str, str]
+    body: bytes
+    status: int
+    response_headers: dict[str, str]
+    response_body: bytes
 
 
 @dataclasses.dataclass
@@ -51,7 +66,11 @@ class Faults:
     down: bool = False
     """Respond 503 to every event."""
     fail_next: int = 0
-    """Respond 500 to this many of the next events."""
+    """Respond `fail_status` to this many of the next events."""
+    fail_status: int = 500
+    """The status of the `fail_next` responses."""
+    fail_event_ids: set[str] = dataclasses.field(default_factory=set)
+    """Respond 500 to events with these event ids, every time, until cleared."""
     slow_s: float = 0.0
     """Delay every response to an event by this many seconds."""
     reject_event_ids: set[str] = dataclasses.field(default_factory=set)
@@ -63,6 +82,8 @@ class Faults:
         return {
             "down": self.down,
             "fail_next": self.fail_next,
+            "fail_status": self.fail_status,
+            "fail_event_ids": sorted(self.fail_event_ids),
             "slow_s": self.slow_s,
             "reject_event_ids": sorted(self.reject_event_ids),
             "duplicate_confirm": self.duplicate_confirm,
@@ -70,10 +91,11 @@ class Faults:
 
 
 class ControlRequest(msgspec.Struct, forbid_unknown_fields=True):
-    """The body of `POST /control`; `count`, `seconds` and `event_id` go with their modes."""
+    """The body of `POST /control`; `count`, `status`, `seconds` and `event_id` go with their modes."""
 
-    mode: Literal["normal", "down", "fail_next", "slow", "reject_event", "duplicate_confirm"]
+    mode: Literal["normal", "down", "fail_next", "fail_event", "slow", "reject_event", "duplicate_confirm"]
     count: int = 1
+    status: int = 500
     seconds: float = 0.0
     event_id: str = ""
 
@@ -94,6 +116,8 @@ class CommandCenter:
         record_path: Path | None = None,
         faults: Faults | None = None,
         on_event: Callable[[Entry], None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        record_exchanges: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -104,8 +128,11 @@ class CommandCenter:
         self._faults = Faults()
         if faults is not None:
             # A copy, so that set_mode does not change the caller's object.
-            self._faults = dataclasses.replace(faults, reject_event_ids=set(faults.reject_event_ids))
+            self._faults = _copy_faults(faults)
         self._on_event = on_event
+        self._ssl_context = ssl_context
+        self.exchanges: list[Exchange] | None = [] if record_exchanges else None
+        """Every request to `POST /v1/events` with its response, when `record_exchanges` is set."""
         self._events: list[Entry] = []
         self._keys: set[str] = set()
         self._changed = asyncio.Event()
@@ -114,7 +141,8 @@ class CommandCenter:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def events(self) -> list[Entry]:
@@ -124,10 +152,14 @@ class CommandCenter:
     @property
     def faults(self) -> Faults:
         """A copy of the active faults."""
-        return dataclasses.replace(self._faults, reject_event_ids=set(self._faults.reject_event_ids))
+        return _copy_faults(self._faults)
 
     async def start(self) -> None:
-        """Open the record file and bind the server; `port` is then the bound port."""
+        """Open the record file and bind the server; `port` is then the bound port.
+
+        After `stop`, `start` binds the same port again and keeps the recorded events, so a
+        test can take the centre down and bring it back at the same URL.
+        """
         if self._runner is not None:
             raise RuntimeError(f"command centre simulator is already running at {self.url}")
         if self._record_path is not None:
@@ -141,7 +173,7 @@ class CommandCenter:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self.port)
+            site = web.TCPSite(runner, self.host, self.port, ssl_context=self._ssl_context)
             await site.start()
         except OSError:
             await runner.cleanup()
@@ -180,13 +212,14 @@ class CommandCenter:
             ) from None
         return list(self._events)
 
-    def set_mode(self, mode: str, *, count: int = 1, seconds: float = 0.0, event_id: str = "") -> None:
+    def set_mode(self, mode: str, *, count: int = 1, seconds: float = 0.0, event_id: str = "", status: int = 500) -> None:
         """Turn on a fault mode, or clear all faults with "normal".
 
-        Modes: "down" (503 to every event), "fail_next" (500 to the next `count` events),
-        "slow" (delay every response by `seconds`), "reject_event" (400 to the event `event_id`,
-        adding to earlier ids), "duplicate_confirm" (record new events but respond 409).
-        Raises ValueError for an unknown mode or an invalid argument.
+        Modes: "down" (503 to every event), "fail_next" (`status`, 500 by default, to the next
+        `count` events), "fail_event" (500 to every attempt of the event `event_id`, adding to
+        earlier ids), "slow" (delay every response by `seconds`), "reject_event" (400 to the
+        event `event_id`, adding to earlier ids), "duplicate_confirm" (record new events but
+        respond 409). Raises ValueError for an unknown mode or an invalid argument.
         """
         if mode == "normal":
             self._faults = Faults()
@@ -195,7 +228,14 @@ class CommandCenter:
         elif mode == "fail_next":
             if isinstance(count, bool) or not isinstance(count, int) or count < 0:
                 raise ValueError(f"fail_next count {count!r} is invalid; give a whole number 0 or more")
+            if status not in RETRYABLE_STATUSES:
+                raise ValueError(f"fail_next status {status!r} is invalid; give 408, 429 or 500-599")
             self._faults.fail_next = count
+            self._faults.fail_status = status
+        elif mode == "fail_event":
+            if not event_id:
+                raise ValueError("fail_event needs the event_id of the event to fail")
+            self._faults.fail_event_ids.add(event_id)
         elif mode == "slow":
             if not 0 <= seconds <= 3600:
                 raise ValueError(f"slow delay {seconds!r} s is invalid; give seconds from 0 to 3600")
@@ -219,7 +259,11 @@ class CommandCenter:
         body = await request.read()
         status, reply = self._receive(request.headers, body)
         self.status_counts[status] += 1
-        return web.json_response(reply, status=status)
+        response = web.json_response(reply, status=status)
+        if self.exchanges is not None:
+            assert isinstance(response.body, bytes)
+            self.exchanges.append(Exchange(dict(request.headers), body, status, dict(response.headers), response.body))
+        return response
 
     async def _get_events(self, request: web.Request) -> web.Response:
         return web.json_response(self._events)
@@ -230,7 +274,9 @@ class CommandCenter:
     async def _post_control(self, request: web.Request) -> web.Response:
         try:
             control = _control_decoder.decode(await request.read())
-            self.set_mode(control.mode, count=control.count, seconds=control.seconds, event_id=control.event_id)
+            self.set_mode(
+                control.mode, count=control.count, seconds=control.seconds, event_id=control.event_id, status=control.status
+            )
         except (msgspec.DecodeError, ValueError) as error:
             return web.json_response({"error": f"invalid control request: {error}"}, status=400)
         return web.json_response(self._faults.to_json())
@@ -243,7 +289,7 @@ class CommandCenter:
             return 503, {"error": "command centre is down (fault mode `down`)"}
         if self._faults.fail_next > 0:
             self._faults.fail_next -= 1
-            return 500, {"error": "injected server error (fault mode `fail_next`)"}
+            return self._faults.fail_status, {"error": "injected server error (fault mode `fail_next`)"}
 
         key = headers.get(IDEMPOTENCY_HEADER, "")
         if not key:
@@ -260,6 +306,8 @@ class CommandCenter:
             log.warning("event with key %s rejected: body is invalid: %s", key, error)
             return 400, {"error": f"body is not a valid event: {error}"}
 
+        if event.event_id in self._faults.fail_event_ids:
+            return 500, {"error": f"event {event.event_id} failed (fault mode `fail_event`)"}
         if event.event_id in self._faults.reject_event_ids:
             return 400, {"error": f"event {event.event_id} rejected (fault mode `reject_event`)"}
         if key in self._keys:
@@ -306,6 +354,20 @@ class CommandCenter:
         if self._record_file is not None:
             self._record_file.close()
             self._record_file = None
+
+
+def _copy_faults(faults: Faults) -> Faults:
+    return dataclasses.replace(faults, reject_event_ids=set(faults.reject_event_ids), fail_event_ids=set(faults.fail_event_ids))
+
+
+def server_tls_context(cert_file: Path, key_file: Path, client_ca_file: Path | None = None) -> ssl.SSLContext:
+    """Build a server TLS context; with `client_ca_file` a client must present a certificate it signed."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    if client_ca_file is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(client_ca_file)
+    return context
 
 
 async def serve_forever(
