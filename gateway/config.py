@@ -80,6 +80,23 @@ class DestinationSection(Section):
     secret: str = ""
     bearer_token: str = ""
     timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    ca_file: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    max_in_flight: Annotated[int, Field(ge=1, le=64)] = 8
+
+    @field_validator("ca_file", "client_cert", "client_key")
+    @classmethod
+    def _check_file(cls, value: str) -> str:
+        if value and not Path(value).is_file():
+            raise ValueError("must name a readable PEM file")
+        return value
+
+    @model_validator(mode="after")
+    def _key_needs_certificate(self) -> DestinationSection:
+        if self.client_key and not self.client_cert:
+            raise ValueError(f"destination {self.name}: client_key is set without client_cert")
+        return self
 
     @field_validator("url")
     @classmethod

@@ -67,6 +67,10 @@ def destinations_from(config: Config) -> list[Destination]:
             secret=item.secret,
             bearer_token=item.bearer_token,
             timeout_s=item.timeout_s,
+            ca_file=item.ca_file,
+            client_cert=item.client_cert,
+            client_key=item.client_key,
+            max_in_flight=item.max_in_flight,
         )
         for item in config.destinations
     ]
@@ -109,7 +113,7 @@ class Gateway:
         self.engine = IncidentEngine(self.registry, self.destinations, trouble_holdoff_s=self.config.incidents.trouble_holdoff_s)
         open_incidents = self.engine.load(self.journal.reader)
         self.intake = Intake(self.journal, self.registry, self.router, self.metrics)
-        self.forwarder = Forwarder(self.destinations, self.journal, self.metrics)
+        self.forwarder = Forwarder(self.destinations, self.journal, self.metrics, emit_trouble=self._emit_gateway_signal)
         self.router.on_alarm(self._route_alarm)
 
         # The registry and open incidents live as long as the process: moving them out of the
@@ -177,7 +181,7 @@ class Gateway:
         assert self.registry is not None and self.intake is not None
         self.supervisor = Supervisor(
             SystemClock(),
-            self._emit_supervision,
+            self._emit_gateway_signal,
             grace_s=self.config.gateway.startup_grace_s,
             device_lookup=self.registry.device,
         )
@@ -192,8 +196,8 @@ class Gateway:
         self.intake.status_listeners.append(self.supervisor.on_status)
         self.intake.link_listeners.append(self.supervisor.on_link)
 
-    def _emit_supervision(self, signal: Signal) -> None:
-        """Journal and route a supervision signal; called from tick(), so it must not raise."""
+    def _emit_gateway_signal(self, signal: Signal) -> None:
+        """Journal and route a signal the gateway raised (supervision, forwarding trouble); must not raise."""
         assert self.intake is not None
         task = asyncio.get_running_loop().create_task(self.intake.submit_internal(signal))
         self._background.add(task)
@@ -269,6 +273,7 @@ class Gateway:
             "heartbeat_lane": self.router.heartbeat_depth,
             "outbox_pending": pending,
             "open_incidents": len(self.engine.open_incidents) if self.engine else 0,
+            "destinations": {name: link.breaker.state.value for name, link in self.forwarder.links.items()} if self.forwarder else {},
         }
 
     async def stop(self) -> None:

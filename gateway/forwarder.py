@@ -16,7 +16,7 @@ failed attempts. While it is open, one probe at a time, spaced by backoff, tests
 the first success resumes delivery at full rate.
 
 A fire alarm that no destination confirmed within `CONFIRM_LIMIT_S` of its receipt raises a
-forwarding trouble once; the trouble is restored when a destination confirms the alarm.
+forwarding trouble once. The trouble is restored when a destination confirms the alarm.
 EN 54-21:2006, clause 5.3, requires a fault warning when the acknowledgement of a fire alarm
 does not arrive within 100 s for type 1 routing equipment.
 """
@@ -34,9 +34,9 @@ import sqlite3
 import ssl
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 import aiohttp
 import msgspec
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 FETCH_LIMIT = 500
 # Rows held in memory per destination; more stay in the outbox until these are delivered.
+# NOTE: a fire alarm still waiting in the outbox beyond this many rows is not yet watched for
+# the confirmation limit; it is watched, with its original deadline, once a link loads it.
 MAX_BUFFERED = 10_000
 # How often a link looks for rows requeued by `gateway outbox requeue` and refreshes its gauges.
 POLL_INTERVAL_S = 1.0
@@ -132,7 +134,8 @@ class AiohttpClient:
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> HttpReply:
         try:
-            async with self._session.post(url, data=body, headers=headers) as response:
+            # No redirects: a signed request or a bearer token must not follow a redirect elsewhere.
+            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as response:
                 text = (await response.read())[:200].decode("utf-8", errors="replace")
                 return HttpReply(response.status, text, _retry_after(response.headers.get("Retry-After")))
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
@@ -173,7 +176,11 @@ class AttemptResult:
 
 
 def classify(reply: HttpReply) -> AttemptResult:
-    """Map a response to the delivery contract: 2xx/409 delivered, 408/429/5xx retry, other 4xx permanent."""
+    """Map a response to the delivery contract: 2xx/409 delivered, other 4xx permanent, the rest retried.
+
+    408 and 429 are retried like 5xx. A 1xx or 3xx status is retried too, because a redirect
+    is not followed and dropping an alarm is never the safe choice.
+    """
     status = reply.status
     if 200 <= status < 300 or status == 409:
         return AttemptResult(Outcome.DELIVERED, status, f"HTTP {status}")
@@ -214,7 +221,7 @@ class CircuitBreaker:
         self._on_transition = on_transition
 
     def admits(self, now: float) -> bool:
-        """Whether a request may start now; an open breaker turns half open at its probe time."""
+        """Return whether a request may start now. An open breaker turns half open at its probe time."""
         if self.state is Circuit.OPEN and now >= self.probe_at:
             self._move(Circuit.HALF_OPEN, "probe time reached")
         if self.state is Circuit.HALF_OPEN:
@@ -234,7 +241,7 @@ class CircuitBreaker:
         if self.state is not Circuit.CLOSED:
             self.failed_probes = 0
             self._backoff.reset()
-            self._move(Circuit.CLOSED, "the command centre answered")
+            self._move(Circuit.CLOSED, "the command centre responded")
 
     def failed(self, now: float, *, probe: bool, detail: str) -> None:
         self.consecutive_failures += 1
@@ -356,13 +363,13 @@ def _write_circuit(destination: str, circuit: Circuit, at: float, error: str) ->
     return write
 
 
-def _log_write_failure(what: str) -> Callable[[asyncio.Future], None]:
+def _log_write_failure(description: str) -> Callable[[asyncio.Future], None]:
     def check(future: asyncio.Future) -> None:
         if future.cancelled():
             return
         error = future.exception()
         if error is not None:
-            log.error("journal write failed: %s: %s", what, error)
+            log.error("journal write failed: %s: %s", description, error)
 
     return check
 
@@ -371,8 +378,8 @@ class WriteBatcher:
     """Collects a link's journal writes for up to `delay_s` into one journal operation.
 
     Under load this turns a write per delivery into a few writes per second. The writes run in
-    the order they were added; when one raises, the whole batch is rolled back and logged, and
-    the rows concerned are sent again after a restart, which the centres answer with 409.
+    the order they were added. When one raises, the whole batch is rolled back and logged, so
+    its rows are sent again after a restart and the centres respond with 409.
     """
 
     def __init__(self, journal: Journal, delay_s: float = 0.01) -> None:
@@ -414,7 +421,7 @@ class TroubleReporter:
     """Raises and restores forwarding troubles (Contact ID 354) and records them in the journal.
 
     The signal goes out before its record is durable, so a crash in between raises it once more
-    after the restart; that repeat is accepted rather than risking a trouble that is never raised.
+    after the restart. That repeat is accepted rather than risking a trouble that is never raised.
     """
 
     def __init__(self, emit: EmitTrouble | None, journal: Journal, metrics: ForwardMetrics, clock: Callable[[], float]) -> None:
@@ -424,7 +431,7 @@ class TroubleReporter:
         self._clock = clock
 
     def raised(self, event_id: str, kind: TroubleKind, device_id: str) -> bool:
-        """Whether a trouble of `kind` for `event_id` is raised and not yet restored."""
+        """Return whether a trouble of `kind` for `event_id` is raised and not yet restored."""
         row = self._journal.reader.execute(
             "SELECT 1 FROM forward_troubles WHERE event_id = ? AND kind = ? AND device_id = ? AND restored_at IS NULL",
             (event_id, kind.value, device_id),
@@ -568,7 +575,7 @@ class _Watched:
 class ConfirmationWatch:
     """Raises a trouble for each fire alarm that no destination confirmed within the limit.
 
-    Links report the fire alarms they load and the events they deliver; `check` runs from every
+    Links report the fire alarms they load and the events they deliver. `check` runs from every
     link's loop, so the watch needs no task of its own and fires within POLL_INTERVAL_S of the
     deadline. Deadlines count from the outbox row's `created_at`, the signal's receipt.
     """
@@ -793,8 +800,8 @@ class DestinationLink:
         queue = self._queues.get(row.queue_key)
         if queue is None:
             queue = self._queues[row.queue_key] = collections.deque()
-        # A requeued row is older than rows already queued: put it in seq order, behind the
-        # head when the head is in flight.
+        # A requeued row may be older than rows already queued, so it goes in seq order, behind
+        # the head when the head is in flight.
         position = len(queue)
         floor = 1 if row.queue_key in self._in_flight else 0
         while position > floor and queue[position - 1].seq > row.seq:
@@ -811,7 +818,7 @@ class DestinationLink:
             heapq.heappush(self._delayed, (head.ready_at, head.seq, key))
 
     def _is_current(self, key: str, seq: int) -> bool:
-        """Whether a heap entry still names the idle head of its queue."""
+        """Return whether a heap entry still names the idle head of its queue."""
         queue = self._queues.get(key)
         return queue is not None and queue[0].seq == seq and key not in self._in_flight
 
@@ -984,7 +991,7 @@ class DestinationLink:
             log.debug("circuit to %s open again: %s", name, reason)
             return
         if new is Circuit.OPEN:
-            log.warning("circuit to %s opened (%s); sending one probe at a time until it answers", name, reason)
+            log.warning("circuit to %s opened (%s); sending one probe at a time until it responds", name, reason)
         else:
             log.info("circuit to %s closed: %s; delivering %d waiting events", name, reason, len(self._known))
             self._release_delayed()

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 EVENTS_PATH = "/v1/events"
 FAULT_MODES = ("normal", "down", "fail_next", "fail_event", "slow", "reject_event", "duplicate_confirm")
-# Statuses that `fail_next` may answer with: the ones the gateway retries.
+# Statuses that `fail_next` may respond with, which are the ones the gateway retries.
 RETRYABLE_STATUSES = frozenset({408, 429, *range(500, 600)})
 
 # Seconds that stop() lets a request in progress, such as one delayed by `slow`, finish.
@@ -215,11 +215,14 @@ class CommandCenter:
     def set_mode(self, mode: str, *, count: int = 1, seconds: float = 0.0, event_id: str = "", status: int = 500) -> None:
         """Turn on a fault mode, or clear all faults with "normal".
 
-        Modes: "down" (503 to every event), "fail_next" (`status`, 500 by default, to the next
-        `count` events), "fail_event" (500 to every attempt of the event `event_id`, adding to
-        earlier ids), "slow" (delay every response by `seconds`), "reject_event" (400 to the
-        event `event_id`, adding to earlier ids), "duplicate_confirm" (record new events but
-        respond 409). Raises ValueError for an unknown mode or an invalid argument.
+        Modes:
+            "down": 503 to every event.
+            "fail_next": `status` (500 by default) to the next `count` events.
+            "fail_event": 500 to every attempt of the event `event_id`, adding to earlier ids.
+            "slow": delay every response by `seconds`.
+            "reject_event": 400 to the event `event_id`, adding to earlier ids.
+            "duplicate_confirm": record new events but respond 409.
+        Raises ValueError for an unknown mode or an invalid argument.
         """
         if mode == "normal":
             self._faults = Faults()

@@ -33,7 +33,7 @@ async def test_sigkill_before_forwarding_delivers_once(gateway_factory, broker, 
     first = gateway_factory(gateway_args(broker, centre.url))
     first.start()
 
-    # mosquitto_pub returns only after the PUBACK, that is after the alarm is durable.
+    # The failed delivery attempt below shows the gateway journaled the alarm before the kill.
     mosquitto_pub(broker, protocol.event_topic("DEV-001"), fire(seq=1, zone=2), user="DEV-001")
     await wait_until(lambda: first.metric("gateway_forward_failures_total", destination="central", kind="http") >= 1, timeout=10)
     first.kill()

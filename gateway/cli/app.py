@@ -13,8 +13,9 @@ from typing import Annotated
 import typer
 
 from gateway import config as gateway_config
-from gateway.cli import db, decode, demo, incident_commands, registry_commands, sim
+from gateway.cli import db, decode, demo, incident_commands, outbox, registry_commands, sim
 from gateway.cli.console import console, fail
+from gateway.forwarder import ForwarderError
 from gateway.i18n import _, set_language
 
 app = typer.Typer(
@@ -30,6 +31,7 @@ app.add_typer(registry_commands.device_app, name="device")
 app.add_typer(sim.app, name="sim")
 app.add_typer(incident_commands.app, name="incident")
 app.add_typer(db.app, name="db")
+app.add_typer(outbox.app, name="outbox")
 app.command("demo", help=_("Run the gateway with embedded defaults and a simulated site."))(demo.demo)
 
 
@@ -81,7 +83,7 @@ def run(
         set_language(settings.gateway.language)
     try:
         asyncio.run(run_until_signalled(settings))
-    except OSError as error:
+    except (OSError, ForwarderError) as error:
         fail(_("Cannot start the gateway: {error}").format(error=error), code=1)
 
 

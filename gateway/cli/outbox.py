@@ -240,8 +240,8 @@ def requeue(
                 _("Event {event_id} has no outbox row for destination {destination}.").format(event_id=event_id, destination=destination),
                 code=1,
             )
-        shown = ", ".join(f"{name}: {state}" for name, state in states)
-        fail(_("Event {event_id} is not dead-lettered ({states}); nothing to requeue.").format(event_id=event_id, states=shown), code=1)
+        listing = ", ".join(f"{name}: {state}" for name, state in states)
+        fail(_("Event {event_id} is not dead-lettered ({states}); nothing to requeue.").format(event_id=event_id, states=listing), code=1)
     for name in requeued:
         console.print(
             _("Event {event_id} requeued for {destination}; the running gateway sends it within a few seconds.").format(
