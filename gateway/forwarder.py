@@ -42,12 +42,13 @@ import aiohttp
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from gateway import codes, event_body, signing
+from gateway import event_body, signing
 from gateway.backoff import Backoff
 from gateway.destinations import Destination
 from gateway.journal import Journal
 from gateway.metrics import Metrics
-from gateway.signal import PRIORITY, EventClass, Qualifier, Signal, Source, new_signal_id
+from gateway.supervision.signals import supervision_signal
+from gateway.signal import PRIORITY, EventClass, Qualifier, Signal
 
 log = logging.getLogger(__name__)
 
@@ -479,18 +480,7 @@ class TroubleReporter:
 def trouble_signal(device_id: str, kind: TroubleKind, qualifier: Qualifier, text: str, at: dt.datetime) -> Signal:
     """Build a forwarding trouble: Contact ID 354 from the pseudo-device forward:<destinations>."""
     zone = DEAD_LETTER_ZONE if kind is TroubleKind.DEAD_LETTER else UNCONFIRMED_ZONE
-    return Signal(
-        id=new_signal_id(),
-        source=Source.SUPERVISION,
-        device_id=device_id,
-        event_class=EventClass.TROUBLE,
-        code=TROUBLE_CODE,
-        qualifier=qualifier,
-        sia_code=codes.to_sia(TROUBLE_CODE, qualifier),
-        zone=zone,
-        text=text,
-        received_at=at,
-    )
+    return supervision_signal(device_id, TROUBLE_CODE, qualifier, text, at, zone=zone)
 
 
 def is_forwarding_trouble(device_id: str) -> bool:

@@ -587,11 +587,6 @@ def forward_trouble(entry: dict, qualifier: str) -> bool:
     return entry["event"]["device"]["id"] == "forward:central" and signal.get("qualifier") == qualifier
 
 
-def device_events(events: list[dict]) -> list[dict]:
-    """The recorded events that transmitters caused, without the gateway's own troubles."""
-    return [entry for entry in events if not entry["event"]["device"]["id"].startswith("forward:")]
-
-
 async def test_forwarding_dead_letter_requeue_with_cli(data_dir, broker, centre, gateway):
     """Test that a 400 dead-letters the event, `gateway outbox` shows it, and requeue delivers it."""
     centre.set_mode("down")

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from gateway import event_body
-from gateway.signing import IDEMPOTENCY_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, signed_headers
+from gateway.signing import IDEMPOTENCY_HEADER, TIMESTAMP_HEADER, signed_headers
 from simulators.command_center import CommandCenter, Faults, serve_forever
 
 SECRET = "test-secret"

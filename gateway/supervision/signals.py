@@ -51,8 +51,10 @@ def link_device_id(link: str) -> str:
     return f"{LINK_PREFIX}{link}"
 
 
-def supervision_signal(device_id: str, code: str, qualifier: Qualifier, text: str, received_at: dt.datetime) -> Signal:
-    """Build a supervision signal for `code`; the facility is left for intake to fill in."""
+def supervision_signal(
+    device_id: str, code: str, qualifier: Qualifier, text: str, received_at: dt.datetime, *, zone: int = 0
+) -> Signal:
+    """Build a signal the gateway raises itself for `code`; the facility is left for intake to fill in."""
     entry = codes.lookup(code)
     return Signal(
         id=new_signal_id(),
@@ -62,6 +64,7 @@ def supervision_signal(device_id: str, code: str, qualifier: Qualifier, text: st
         code=code,
         qualifier=qualifier,
         sia_code=codes.to_sia(code, qualifier),
+        zone=zone,
         text=text,
         received_at=received_at,
     )
