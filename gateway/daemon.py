@@ -265,6 +265,10 @@ class Gateway:
             problems.append("MQTT link is down")
         if not self.destinations:
             problems.append("no command-centre destination configured")
+        if self.forwarder is not None:
+            for name, link in self.forwarder.links.items():
+                if link.breaker.state.value != "closed":
+                    problems.append(f"command centre {name} is unreachable; events wait in the outbox")
         return {
             "status": "degraded" if problems else "ok",
             "problems": problems,

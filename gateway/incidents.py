@@ -49,6 +49,8 @@ TRANSITIONS: dict[IncidentState, frozenset[IncidentState]] = {
     IncidentState.CLOSED: frozenset(),
 }
 OUTCOMES = ("real_fire", "false_alarm", "unwanted", "test", "restored")
+# "restored" is set by the gateway when a trouble incident resolves itself.
+PERSON_OUTCOMES = OUTCOMES[:4]
 
 
 class TransitionError(ValueError):
@@ -208,12 +210,13 @@ class IncidentEngine:
         """
         incident = self._resolved.get(incident_id) or next((item for item in self._open.values() if item.id == incident_id), None)
         if incident is None:
-            raise LookupError(f"incident {incident_id} is not open or resolved")
+            raise LookupError(f"incident {incident_id} not found, or already closed")
         if state not in TRANSITIONS[incident.state]:
             allowed = ", ".join(sorted(TRANSITIONS[incident.state])) or "none"
             raise TransitionError(f"incident {incident_id} is {incident.state.value}; it can move to: {allowed}")
-        if state is IncidentState.RESOLVED and outcome not in OUTCOMES:
-            raise TransitionError(f"resolving incident {incident_id} needs an outcome, one of: {', '.join(OUTCOMES)}")
+        allowed_outcomes = OUTCOMES if actor == "gateway" else PERSON_OUTCOMES
+        if state is IncidentState.RESOLVED and outcome not in allowed_outcomes:
+            raise TransitionError(f"resolving incident {incident_id} needs an outcome, one of: {', '.join(allowed_outcomes)}")
 
         previous = incident.state
         incident.state = state

@@ -175,6 +175,10 @@ def dead(
         console.print(_("No dead letters."))
         return
     table = Table(_("Event id"), _("Destination"), _("Event class"), _("Received at"), _("Attempts"), _("Dead since"), _("Reason"))
+    # The event id is what `gateway outbox requeue` needs, so it is never shortened.
+    table.columns[0].no_wrap = True
+    table.columns[0].min_width = 36
+    table.columns[6].max_width = 60
     for row in rows:
         table.add_row(
             row["event_id"],
