@@ -452,7 +452,7 @@ def test_change_state_acknowledged_stays_open(conn, engine):
 
 def test_change_state_unknown_incident_raises(engine):
     """Test that changing the state of an incident that is not open raises LookupError."""
-    with pytest.raises(LookupError, match="not open"):
+    with pytest.raises(LookupError, match="not found"):
         engine.change_state("no-such-incident", IncidentState.RESOLVED, at=T0, actor="officer-1", outcome="false_alarm")
 
 
