@@ -77,11 +77,20 @@ async def serve_child(timings_path: Path) -> None:
     """Serve until stdin closes, then write the timings as JSON to `timings_path`."""
     centre = TimedCommandCenter(secret=SECRET)
     await centre.start()
+    # The stand-in centre keeps every event in memory, so its full collections grow with the
+    # run and stalled its loop for up to 70 ms, which showed up as forwarder latency. Freezing
+    # what exists and making full collections rare keeps the instrument out of the figures.
+    gc.freeze()
+    gc.set_threshold(700, 10, 1_000_000)
+    lags: list[float] = []
+    prober = asyncio.create_task(probe_loop_lag(lags))
     sys.stdout.write(f"{centre.port}\n")
     sys.stdout.flush()
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    prober.cancel()
     await centre.stop()
     timings_path.write_text(json.dumps(centre.timings))
+    timings_path.with_suffix(".lag.json").write_text(json.dumps(lags))
 
 
 class CentreProcess:
@@ -107,6 +116,10 @@ class CentreProcess:
         self.process.stdin.close()
         self.process.wait(timeout=30)
         return {key: tuple(value) for key, value in json.loads(self.timings_path.read_text()).items()}
+
+    def loop_lags(self) -> list[float]:
+        """The centre's own event-loop lag samples over its whole life (after stop())."""
+        return json.loads(self.timings_path.with_suffix(".lag.json").read_text())
 
 
 # HTTP clients under comparison
@@ -187,6 +200,24 @@ def insert_rows(rows: list[tuple[str, str, bytes]], created_at: float) -> Callab
     return write
 
 
+def steal_seconds() -> float:
+    """Return the CPU time the hypervisor took from this VM so far (the `steal` column of /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()
+    except OSError:
+        return 0.0
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
+async def probe_loop_lag(lags: list[float], period: float = 0.005) -> None:
+    """Record how late the event loop wakes a task that sleeps `period` s: its own stalls."""
+    loop = asyncio.get_running_loop()
+    while True:
+        planned = loop.time() + period
+        await asyncio.sleep(period)
+        lags.append(max(0.0, loop.time() - planned))
+
+
 async def run_forwarder(client_name: str, url: str, rate: int, duration: float, directory: Path, in_flight: int) -> dict:
     """Offer `rate` events/s for `duration` s and wait for the backlog to drain (at most 30 s)."""
     journal = Journal(directory / f"journal-{client_name}-{rate}.db")
@@ -197,6 +228,9 @@ async def run_forwarder(client_name: str, url: str, rate: int, duration: float, 
     forwarder = Forwarder([destination], journal, Metrics(), client_factory=timing_factory(CLIENTS[client_name], confirmed))
     link = forwarder.links["central"]
     task = asyncio.create_task(link.run())
+    lags: list[float] = []
+    prober = asyncio.create_task(probe_loop_lag(lags))
+    steal_before = steal_seconds()
 
     def on_commit(event_ids: list[str]) -> Callable[[asyncio.Future], None]:
         def done(future: asyncio.Future) -> None:
@@ -232,7 +266,8 @@ async def run_forwarder(client_name: str, url: str, rate: int, duration: float, 
         await asyncio.sleep(0.05)
     finished = loop.time()
     task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    prober.cancel()
+    await asyncio.gather(task, prober, return_exceptions=True)
     await journal.close()
     return {
         "offered": sequence,
@@ -242,6 +277,8 @@ async def run_forwarder(client_name: str, url: str, rate: int, duration: float, 
         "backlog_at_stop": backlog_at_stop,
         "committed": committed,
         "confirmed": confirmed,
+        "loop_lag": lags,
+        "steal_s": steal_seconds() - steal_before,
     }
 
 
@@ -338,6 +375,7 @@ async def main(options: argparse.Namespace) -> None:
                     runs.append((client_name, rate, result, meter.read()))
         finally:
             timings = centre.stop()
+            centre_lags = centre.loop_lags()
 
     for client_name, rate, result, (wall, own, child) in runs:
         print(
@@ -352,6 +390,11 @@ async def main(options: argparse.Namespace) -> None:
         receipt, round_trip = added_latencies(result, timings)
         print(f"[{client_name} @ {rate}/s] commit -> receipt:                 {percentiles(receipt)}")
         print(f"[{client_name} @ {rate}/s] commit -> confirmation - handling: {percentiles(round_trip)}")
+        print(
+            f"[{client_name} @ {rate}/s] event-loop lag of a 5 ms sleeper:   {percentiles(result['loop_lag'])}; "
+            f"CPU stolen by the hypervisor during the run: {result['steal_s']:.2f} s"
+        )
+    print(f"\ncentre's own event-loop lag over the whole benchmark: {percentiles(centre_lags)}")
     if {"aiohttp", "httpx"} <= set(options.clients):
         print(f"\nraw throughput aiohttp / httpx: {raw['aiohttp'] / raw['httpx']:.2f}")
 
