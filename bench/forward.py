@@ -118,7 +118,7 @@ class CentreProcess:
         return {key: tuple(value) for key, value in json.loads(self.timings_path.read_text()).items()}
 
     def loop_lags(self) -> list[float]:
-        """The centre's own event-loop lag samples over its whole life (after stop())."""
+        """Return the centre's own event-loop lag samples over its whole life; call it after stop()."""
         return json.loads(self.timings_path.with_suffix(".lag.json").read_text())
 
 

@@ -42,7 +42,7 @@ class Rejection(Exception):
     """Input that cannot become a signal; it is quarantined with its raw bytes.
 
     `reason` is a short stable token used in metrics and the quarantine table; the message
-    says in words what was wrong and, where possible, what was expected.
+    states what was wrong and, where possible, what was expected.
     """
 
     def __init__(
@@ -72,7 +72,7 @@ class Rejection(Exception):
 
 
 class IntakePort(Protocol):
-    """What the gateway core offers a driver."""
+    """The interface the gateway core offers a driver."""
 
     async def submit_signal(self, signal: Signal, dedup_key: str | None) -> Admission:
         """Make `signal` durable, or recognise it as a duplicate; raise `Rejection` if it cannot be taken."""

@@ -173,7 +173,9 @@ class Gateway:
         log.info("gateway running; status on http://%s:%d/healthz", self.config.http.host, self.status.port)
 
     def _add_routes(self, app) -> None:
-        assert self.engine is not None and self.supervisor is not None and self.registry is not None
+        assert self.engine is not None
+        assert self.supervisor is not None
+        assert self.registry is not None
         incident_api.add_routes(app, self.engine, self.journal, self._after_route)
         device_api.add_routes(app, self.supervisor, self.registry)
 

@@ -13,12 +13,12 @@ _encoder = msgspec.json.Encoder()
 
 def add_routes(app: web.Application, supervisor: Supervisor, registry: RegistryCache) -> None:
     async def status(request: web.Request) -> web.Response:
-        wanted = request.query.getall("id", [])
-        device_ids = wanted or sorted(device.id for device in registry.devices())
+        requested = request.query.getall("id", [])
+        device_ids = requested or sorted(device.id for device in registry.devices())
         states = []
         for device_id in device_ids:
             state = supervisor.state(device_id)
-            if state is None and wanted:
+            if state is None and requested:
                 return web.Response(
                     text=f'{{"error": "device {device_id} is not registered or not supervised"}}',
                     status=404,

@@ -421,8 +421,13 @@ class TroubleKind(enum.StrEnum):
 class TroubleReporter:
     """Raises and restores forwarding troubles (Contact ID 354) and records them in the journal.
 
+    Several events can be in trouble on one pseudo-device and kind at once, but the incident
+    engine sees them as one condition (same device, code and zone). So the signal goes out for
+    the first event that raises the condition and its restore for the last one that clears it.
+
     The signal goes out before its record is durable, so a crash in between raises it once more
-    after the restart. That repeat is accepted rather than risking a trouble that is never raised.
+    after the restart. The gateway accepts that repeat because the alternative risks a trouble
+    that is never raised.
     """
 
     def __init__(self, emit: EmitTrouble | None, journal: Journal, metrics: ForwardMetrics, clock: Callable[[], float]) -> None:
@@ -430,20 +435,29 @@ class TroubleReporter:
         self._journal = journal
         self._metrics = metrics
         self._clock = clock
+        self._open: dict[tuple[str, TroubleKind], set[str]] | None = None
+
+    def _open_troubles(self) -> dict[tuple[str, TroubleKind], set[str]]:
+        """Return the events in trouble per (device, kind), loaded from the journal on first use."""
+        if self._open is None:
+            self._open = collections.defaultdict(set)
+            rows = self._journal.reader.execute("SELECT event_id, kind, device_id FROM forward_troubles WHERE restored_at IS NULL")
+            for event_id, kind, device_id in rows:
+                self._open[(device_id, TroubleKind(kind))].add(event_id)
+        return self._open
 
     def raised(self, event_id: str, kind: TroubleKind, device_id: str) -> bool:
         """Return whether a trouble of `kind` for `event_id` is raised and not yet restored."""
-        row = self._journal.reader.execute(
-            "SELECT 1 FROM forward_troubles WHERE event_id = ? AND kind = ? AND device_id = ? AND restored_at IS NULL",
-            (event_id, kind.value, device_id),
-        ).fetchone()
-        return row is not None
+        return event_id in self._open_troubles().get((device_id, kind), ())
 
     def raise_trouble(self, event_id: str, kind: TroubleKind, device_id: str, text: str) -> None:
         now = self._clock()
         log.error("forwarding trouble on %s: %s", device_id, text)
         self._metrics.troubles.labels(kind.value).inc()
-        self._send(device_id, kind, Qualifier.NEW, text, now)
+        events = self._open_troubles()[(device_id, kind)]
+        if not events:
+            self._send(device_id, kind, Qualifier.NEW, text, now)
+        events.add(event_id)
 
         def write(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -457,7 +471,10 @@ class TroubleReporter:
     def restore_trouble(self, event_id: str, kind: TroubleKind, device_id: str, text: str) -> None:
         now = self._clock()
         log.info("forwarding trouble on %s restored: %s", device_id, text)
-        self._send(device_id, kind, Qualifier.RESTORE, text, now)
+        events = self._open_troubles()[(device_id, kind)]
+        events.discard(event_id)
+        if not events:
+            self._send(device_id, kind, Qualifier.RESTORE, text, now)
 
         def write(conn: sqlite3.Connection) -> None:
             conn.execute(

@@ -1,8 +1,8 @@
 """The intake journal and outbox: a local SQLite database in WAL mode with group commit.
 
-One writer thread owns the write connection. Callers submit write operations (functions of a
-connection); the thread runs every operation that is waiting in one transaction, commits once,
-and then resolves all their futures. An operation therefore waits for at most the commit that
+One writer thread owns the write connection. Callers submit write operations, which are functions
+of a connection. The thread runs every operation that is waiting in one transaction, commits
+once, and then resolves all their futures. An operation therefore waits for at most the commit that
 is in progress plus its own, and many operations share one fsync under load.
 
 Each operation runs inside its own SAVEPOINT, so one failing operation is rolled back and
@@ -89,7 +89,7 @@ class Journal:
 
     @property
     def reader(self) -> sqlite3.Connection:
-        """A connection for short reads on the event loop; WAL readers never block the writer."""
+        """A connection for short reads on the event loop; in WAL mode readers do not block the writer."""
         if self._reader is None:
             raise JournalError("journal is not started")
         return self._reader

@@ -39,10 +39,14 @@ from gateway.forwarder import (
     HttpReply,
     Outcome,
     TroubleKind,
+    TroubleReporter,
     _retry_after,
     classify,
+    forward_metrics,
     trouble_signal,
 )
+from gateway.journal import Journal
+from gateway.metrics import Metrics
 from gateway.signal import EventClass, Qualifier, Source, new_signal_id
 from simulators.command_center import CommandCenter, server_tls_context
 from tests.conftest import (
@@ -726,3 +730,26 @@ def test_trouble_signal_fields():
     assert restored.sia_code == "YK"
     assert restored.zone == 2
     assert raised.id != restored.id
+
+
+async def test_trouble_reporter_aggregates_events(tmp_path):
+    """Test that one trouble condition is raised for the first event and restored after the last."""
+    sent: list[tuple[str, Qualifier]] = []
+    store = Journal(tmp_path / "journal.db")
+    await store.start()
+    try:
+        reporter = TroubleReporter(lambda signal: sent.append((signal.device_id, signal.qualifier)), store, forward_metrics(Metrics()), time.time)
+        reporter.raise_trouble("event-1", TroubleKind.DEAD_LETTER, "forward:central", "rejected")
+        reporter.raise_trouble("event-2", TroubleKind.DEAD_LETTER, "forward:central", "rejected")
+        reporter.restore_trouble("event-1", TroubleKind.DEAD_LETTER, "forward:central", "delivered")
+        still_raised = reporter.raised("event-2", TroubleKind.DEAD_LETTER, "forward:central")
+        reporter.restore_trouble("event-2", TroubleKind.DEAD_LETTER, "forward:central", "delivered")
+        await store.write(lambda conn: None)
+
+        restarted = TroubleReporter(None, store, forward_metrics(Metrics()), time.time)
+        assert not restarted.raised("event-2", TroubleKind.DEAD_LETTER, "forward:central")
+    finally:
+        await store.close()
+
+    assert still_raised
+    assert sent == [("forward:central", Qualifier.NEW), ("forward:central", Qualifier.RESTORE)]

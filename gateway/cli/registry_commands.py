@@ -196,12 +196,16 @@ def device_status(
     for state in states:
         heartbeat = state.get("last_heartbeat") or {}
         mains = heartbeat.get("mains")
+        if mains is None:
+            mains_text = "-"
+        else:
+            mains_text = _("yes") if mains else _("no")
         table.add_row(
             state["device_id"],
             _("online") if state["online"] else _("offline"),
             _("{seconds:.0f} s ago").format(seconds=state["silent_s"]) if state.get("last_seen") else _("never"),
             "-" if heartbeat.get("battery_v") is None else f"{heartbeat['battery_v']:.1f}",
-            "-" if mains is None else (_("yes") if mains else _("no")),
+            mains_text,
             "-" if heartbeat.get("rssi") is None else str(heartbeat["rssi"]),
             heartbeat.get("link") or "-",
             ", ".join(state.get("raised") or ()) or "-",
